@@ -1,3 +1,27 @@
-"""lookahead-prune: lookahead pruning (LAP) for any PyTorch model."""
+"""lookahead-prune: lookahead pruning (LAP) for any PyTorch model.
+
+>>> import lookahead_prune as lp
+>>> scores = lp.compute_scores(model, method="lap")
+>>> report = lp.prune(model, method="lap", keep=0.05)
+"""
+
+from .graph import GraphError, LayerGraph, build_graph, neighbour_names, register_passthrough
+from .prune import PruneReport, compute_masks, compute_scores, parse_method, prune
+from .scores import SCORES
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "SCORES",
+    "GraphError",
+    "LayerGraph",
+    "PruneReport",
+    "__version__",
+    "build_graph",
+    "compute_masks",
+    "compute_scores",
+    "neighbour_names",
+    "parse_method",
+    "prune",
+    "register_passthrough",
+]

@@ -1,0 +1,74 @@
+"""Scores -> masks: exact survivor counts with deterministic ties, per layer or globally,
+applied with ``torch.nn.utils.prune`` so the usual ``weight_orig``/``weight_mask`` result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import prune as torch_prune
+
+
+def current_mask(module: nn.Module) -> Tensor:
+    """The module's weight mask (all ones when it has never been pruned), as bool."""
+    mask = getattr(module, "weight_mask", None)
+    if mask is None:
+        return torch.ones_like(module.weight, dtype=torch.bool)
+    return mask.detach().bool()
+
+
+def effective_weight(module: nn.Module) -> Tensor:
+    """The weight the module computes with: ``weight_orig * weight_mask`` once pruned."""
+    orig = getattr(module, "weight_orig", None)
+    if orig is None:
+        return module.weight.detach()
+    return (orig * module.weight_mask).detach()
+
+
+def top_k_mask(scores: Tensor, k: int, alive: Tensor | None = None) -> Tensor:
+    """Bool mask keeping exactly the ``k`` highest scores among ``alive`` entries.
+
+    Ties at the threshold go to the lowest flat index, so equal inputs give equal masks. Uses a
+    linear-time selection (``kthvalue``) rather than a full sort.
+    """
+    flat = scores.detach().flatten().float()
+    if alive is not None:
+        alive_flat = alive.flatten()
+        flat = torch.where(alive_flat, flat, torch.full_like(flat, float("-inf")))
+        k = min(k, int(alive_flat.sum()))
+    n = flat.numel()
+    if k >= n:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    threshold = torch.kthvalue(flat.cpu() if flat.is_mps else flat, n - k).values.to(flat.device)
+    keep = flat > threshold
+    missing = k - int(keep.sum())
+    if missing > 0:
+        ties = torch.nonzero(flat == threshold).flatten()[:missing]
+        keep[ties] = True
+    return keep.view_as(scores)
+
+
+def global_masks(
+    scores: Mapping[str, Tensor], k: int, alive: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """Masks keeping the ``k`` highest scores over all layers together (one threshold)."""
+    names = list(scores)
+    flat = torch.cat([scores[n].detach().flatten().float() for n in names])
+    alive_flat = torch.cat([alive[n].flatten() for n in names])
+    keep = top_k_mask(flat, k, alive_flat)
+    out, start = {}, 0
+    for n in names:
+        size = scores[n].numel()
+        out[n] = keep[start : start + size].view_as(scores[n])
+        start += size
+    return out
+
+
+def apply_mask(module: nn.Module, mask: Tensor) -> None:
+    """Apply ``mask`` with ``torch.nn.utils.prune`` (cumulative with any earlier mask)."""
+    mask = mask.to(device=module.weight.device, dtype=module.weight.dtype)
+    torch_prune.custom_from_mask(module, "weight", mask)

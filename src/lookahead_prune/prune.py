@@ -1,0 +1,345 @@
+"""``prune()``: score, select and apply masks, with the paper's orders, -seq steps and scopes.
+
+Everything is validated and every mask computed on detached copies of the weights before the
+model is touched, so an error leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .graph import LayerGraph, build_graph, prunable_layers
+from .masks import apply_mask, current_mask, effective_weight, global_masks, top_k_mask
+from .scores import SCORES, Neighbourhood, score_function
+
+ORDERS = ("base", "forward", "backward")
+SCOPES = ("layer", "global")
+SEQ_STEPS = 5  # the paper's -seq variants split the budget into five rounds
+
+Keep = float | Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method name resolved into score, order and number of steps."""
+
+    score: str
+    order: str
+    steps: int
+
+
+def parse_method(method: str, order: str | None = None, steps: int | None = None) -> MethodSpec:
+    """Resolve shorthands like ``lap-forward-seq`` into (score ``lap``, order, 5 steps)."""
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a string, not {type(method).__name__}")
+    parts = method.lower().split("-")
+    base, rest = parts[0], parts[1:]
+    implied_steps = None
+    if rest and rest[-1] == "seq":
+        implied_steps, rest = SEQ_STEPS, rest[:-1]
+    implied_order = rest[0] if len(rest) == 1 and rest[0] in ORDERS else None
+    if len(rest) > 1 or (rest and implied_order is None):
+        score_function(method)  # raises the list of known methods
+    score_function(base)
+    for given, implied, what in ((order, implied_order, "order"), (steps, implied_steps, "steps")):
+        if given is not None and implied is not None and given != implied:
+            raise ValueError(f"method {method!r} implies {what}={implied!r}, but got {given!r}")
+    order = order or implied_order or "base"
+    steps = steps if steps is not None else (implied_steps or 1)
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, not {order!r}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, not {steps!r}")
+    return MethodSpec(base, order, steps)
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """How many weights of one layer survive."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    total: int
+    kept: int
+
+    @property
+    def keep(self) -> float:
+        """Fraction of this layer's weights that survive."""
+        return self.kept / self.total
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """What ``prune`` did: method, settings and the per-layer survivor counts."""
+
+    method: str
+    order: str
+    steps: int
+    scope: str
+    layers: tuple[LayerResult, ...]
+
+    @property
+    def total(self) -> int:
+        """Number of weights in the prunable layers."""
+        return sum(r.total for r in self.layers)
+
+    @property
+    def kept(self) -> int:
+        """Number of surviving weights in the prunable layers."""
+        return sum(r.kept for r in self.layers)
+
+    @property
+    def keep(self) -> float:
+        """Overall fraction of prunable weights that survive."""
+        return self.kept / self.total
+
+    def table(self) -> str:
+        """A plain-text table of layers, survivors and kept fractions."""
+        head = f"{'layer':<28} {'kind':<6} {'shape':<20} {'kept':>10} {'total':>10} {'keep':>8}"
+        lines = [
+            f"method={self.method} order={self.order} steps={self.steps} scope={self.scope}",
+            head,
+            "-" * len(head),
+        ]
+        for r in self.layers:
+            shape = "x".join(map(str, r.shape))
+            lines.append(
+                f"{r.name:<28} {r.kind:<6} {shape:<20} {r.kept:>10} {r.total:>10} "
+                f"{100 * r.keep:>7.2f}%"
+            )
+        lines.append("-" * len(head))
+        lines.append(
+            f"{'total':<28} {'':<6} {'':<20} {self.kept:>10} {self.total:>10} "
+            f"{100 * self.keep:>7.2f}%"
+        )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _check_fraction(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{where} must be a number in (0, 1], not {value!r}")
+    value = float(value)
+    if math.isnan(value) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{where} must be in (0, 1], got {value!r}")
+    return value
+
+
+def _targets(keep: Keep, names: Sequence[str], layers: Iterable[str] | None) -> dict[str, float]:
+    """Per-layer keep fractions to reach, validated against the model's prunable layers."""
+    known = set(names)
+    if layers is not None:
+        layers = list(layers)
+        unknown = [n for n in layers if n not in known]
+        if unknown:
+            raise ValueError(f"unknown layers {unknown}; prunable layers are {list(names)}")
+        names = [n for n in names if n in set(layers)]
+    if isinstance(keep, Mapping):
+        unknown = [n for n in keep if n not in known]
+        if unknown:
+            raise ValueError(
+                f"keep names layers that are not prunable layers of the model: {unknown}; "
+                f"prunable layers are {list(names)}"
+            )
+        return {n: _check_fraction(keep[n], f"keep[{n!r}]") for n in names if n in keep}
+    value = _check_fraction(keep, "keep")
+    return dict.fromkeys(names, value)
+
+
+def _check_finite(weights: Mapping[str, Tensor]) -> None:
+    for name, w in weights.items():
+        if not bool(torch.isfinite(w).all()):
+            bad = int((~torch.isfinite(w)).sum())
+            raise ValueError(
+                f"layer '{name}' has {bad} NaN/inf weights; scores would be meaningless. "
+                "Fix the model (e.g. a diverged training run) before pruning."
+            )
+
+
+def _score_layers(
+    names: Iterable[str],
+    method: str,
+    graph: LayerGraph,
+    weights: Mapping[str, Tensor],
+    bn: bool,
+    generator: torch.Generator,
+) -> dict[str, Tensor]:
+    fn = score_function(method)
+    return {
+        n: fn(Neighbourhood(graph[n], weights, bn=bn, generator=generator), graph) for n in names
+    }
+
+
+def _schedule(final: int, start: int, steps: int) -> list[int]:
+    """Survivor counts after steps 1..steps, ending exactly at ``final``."""
+    if final >= start:
+        return [final] * steps
+    return [round(start - (start - final) * s / steps) for s in range(1, steps + 1)]
+
+
+def _normalised(scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Per-layer normalisation for global scope, as the official code: s² / ‖s²‖."""
+    out = {}
+    for n, s in scores.items():
+        sq = s.float().square()
+        norm = torch.linalg.vector_norm(sq)
+        out[n] = sq / norm if norm > 0 else sq
+    return out
+
+
+def compute_masks(
+    model: nn.Module,
+    method: str = "lap",
+    keep: Keep = 0.1,
+    *,
+    order: str | None = None,
+    steps: int | None = None,
+    scope: str = "layer",
+    bn: bool = True,
+    normalize: bool = True,
+    graph: str = "fx",
+    example_inputs: Sequence[Tensor] | None = None,
+    layers: Iterable[str] | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, Tensor], MethodSpec]:
+    """The masks ``prune`` would apply, without touching the model (same arguments)."""
+    spec = parse_method(method, order, steps)
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, not {scope!r}")
+    modules = prunable_layers(model)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no prunable layers (nn.Linear/Conv).")
+    targets = _targets(keep, list(modules), layers)
+    if scope == "global":
+        if isinstance(keep, Mapping):
+            raise ValueError("scope='global' takes one overall keep fraction, not a dict")
+        if spec.order != "base":
+            raise ValueError("scope='global' prunes all layers at once; use order='base'")
+    weights = {n: effective_weight(m).clone() for n, m in modules.items()}
+    _check_finite(weights)
+    alive = {n: current_mask(modules[n]) for n in targets}
+    layer_graph = build_graph(model, graph, example_inputs)
+    generator = torch.Generator().manual_seed(seed)
+    totals = {n: weights[n].numel() for n in targets}
+    start = {n: int(alive[n].sum()) for n in targets}
+    finals = {n: round(targets[n] * totals[n]) for n in targets}
+    for n in targets:
+        if finals[n] > start[n]:
+            warnings.warn(
+                f"layer '{n}' already keeps {start[n]} of {totals[n]} weights, fewer than the "
+                f"{finals[n]} asked for; pruned weights are never revived, so it stays as is.",
+                stacklevel=3,
+            )
+    if scope == "global":
+        total_final = round(targets[next(iter(targets))] * sum(totals.values()))
+        plan = _schedule(total_final, sum(start.values()), spec.steps)
+        for k in plan:
+            scores = _score_layers(targets, spec.score, layer_graph, weights, bn, generator)
+            if normalize:
+                scores = _normalised(scores)
+            masks = global_masks(scores, k, alive)
+            for n in targets:
+                alive[n] = masks[n]
+                weights[n] = weights[n] * masks[n]
+        return alive, spec
+    plans = {n: _schedule(finals[n], start[n], spec.steps) for n in targets}
+    ordered = [n for n in layer_graph.names() if n in targets]
+    if spec.order == "backward":
+        ordered.reverse()
+    for step in range(spec.steps):
+        if spec.order == "base":
+            scores = _score_layers(ordered, spec.score, layer_graph, weights, bn, generator)
+            for n in ordered:
+                alive[n] = top_k_mask(scores[n], plans[n][step], alive[n])
+            for n in ordered:
+                weights[n] = weights[n] * alive[n]
+        else:
+            for n in ordered:
+                score = _score_layers([n], spec.score, layer_graph, weights, bn, generator)[n]
+                alive[n] = top_k_mask(score, plans[n][step], alive[n])
+                weights[n] = weights[n] * alive[n]
+    return alive, spec
+
+
+def prune(
+    model: nn.Module,
+    method: str = "lap",
+    keep: Keep = 0.1,
+    *,
+    order: str | None = None,
+    steps: int | None = None,
+    scope: str = "layer",
+    bn: bool = True,
+    normalize: bool = True,
+    graph: str = "fx",
+    example_inputs: Sequence[Tensor] | None = None,
+    layers: Iterable[str] | None = None,
+    seed: int = 0,
+) -> PruneReport:
+    """Prune ``model`` in place so that a ``keep`` fraction of weights survives; see DESIGN.md.
+
+    ``keep`` is one fraction for every prunable layer (or the overall fraction with
+    ``scope='global'``), or a dict from layer name to fraction (other layers are left alone).
+    ``method`` is ``mp``, ``rp``, ``lap``, ``lfp``, ``lbp``, ``lamp`` or a shorthand such as
+    ``lap-forward-seq``; ``order``/``steps`` give LAP-forward/backward and the -seq variants.
+    ``bn=False`` drops Eq. 9's batch-norm factors; ``graph='sequential'`` chains layers in
+    module order like the official code. Masks are applied with ``torch.nn.utils.prune``.
+    """
+    masks, spec = compute_masks(
+        model,
+        method,
+        keep,
+        order=order,
+        steps=steps,
+        scope=scope,
+        bn=bn,
+        normalize=normalize,
+        graph=graph,
+        example_inputs=example_inputs,
+        layers=layers,
+        seed=seed,
+    )
+    modules = prunable_layers(model)
+    for name, mask in masks.items():
+        apply_mask(modules[name], mask)
+    results = []
+    for name, module in modules.items():
+        mask = current_mask(module)
+        kind = "linear" if isinstance(module, nn.Linear) else "conv"
+        results.append(LayerResult(name, kind, tuple(mask.shape), mask.numel(), int(mask.sum())))
+    return PruneReport(spec.score, spec.order, spec.steps, scope, tuple(results))
+
+
+def compute_scores(
+    model: nn.Module,
+    method: str = "lap",
+    *,
+    bn: bool = True,
+    graph: str = "fx",
+    example_inputs: Sequence[Tensor] | None = None,
+    seed: int = 0,
+) -> dict[str, Tensor]:
+    """Scores of every prunable layer's weights, keyed by qualified module name."""
+    spec = parse_method(method)
+    if spec.order != "base" or spec.steps != 1:
+        raise ValueError(
+            f"compute_scores takes a plain score method ({', '.join(sorted(SCORES))}); "
+            f"orders and -seq steps only make sense inside prune()"
+        )
+    modules = prunable_layers(model)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no prunable layers (nn.Linear/Conv).")
+    weights = {n: effective_weight(m) for n, m in modules.items()}
+    _check_finite(weights)
+    layer_graph = build_graph(model, graph, example_inputs)
+    generator = torch.Generator().manual_seed(seed)
+    return _score_layers(modules, spec.score, layer_graph, weights, bn, generator)

@@ -1,0 +1,162 @@
+"""Pruning scores: one small function per method, pure tensor code, chosen from a registry.
+
+A score is a tensor shaped like the layer's weight; higher means more worth keeping. LAP
+(Eq. 5 of the paper) multiplies |w| by the norm of the producer's row feeding w's input unit and
+the norm of the consumers' column reading w's output unit; Eq. 9 multiplies in batch-norm scales.
+The neighbour factors come from :mod:`lookahead_prune.graph` and the weights passed in, so
+the same functions serve the base, forward and backward orders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .graph import Layer, LayerGraph
+
+
+def batchnorm_scale(bn: nn.Module | None, n: int, like: Tensor) -> Tensor:
+    """|a| of Eq. (8): the per-unit factor |gamma| / sqrt(running_var + eps) of a batch norm."""
+    if bn is None or getattr(bn, "running_var", None) is None:
+        return torch.ones(n, device=like.device, dtype=like.dtype)
+    scale = (bn.running_var.detach().to(like) + bn.eps).rsqrt()
+    if bn.weight is not None:
+        scale = scale * bn.weight.detach().to(like).abs()
+    return scale
+
+
+def row_sq_norms(weight: Tensor) -> Tensor:
+    """Squared norm of each output unit's weights (‖W[j, :]‖², kernel entries included)."""
+    return torch.linalg.vector_norm(weight.flatten(1), dim=1).square()
+
+
+def col_sq_norms(weight: Tensor, groups: int = 1) -> Tensor:
+    """Squared norm of the weights reading each input unit (‖W[:, k]‖²), grouped convs mapped."""
+    if weight.dim() == 2:
+        return torch.linalg.vector_norm(weight, dim=0).square()
+    per = torch.linalg.vector_norm(weight.flatten(2), dim=2).square()  # [out, in/groups]
+    out, in_per_group = per.shape
+    return per.view(groups, out // groups, in_per_group).sum(1).reshape(-1)
+
+
+@dataclass
+class Neighbourhood:
+    """What a score function may look at for one layer: its graph entry and current weights."""
+
+    layer: Layer
+    weights: Mapping[str, Tensor]
+    bn: bool = True
+    generator: torch.Generator | None = None
+
+    @property
+    def weight(self) -> Tensor:
+        """The layer's current (masked) weight."""
+        return self.weights[self.layer.name]
+
+    def _bn(self, layer: Layer) -> Tensor:
+        return batchnorm_scale(layer.batchnorm if self.bn else None, layer.out_units, self.weight)
+
+    def input_factor(self, graph: LayerGraph) -> Tensor:
+        """Per input unit j: sqrt(Σ_producers a²‖W_prev[j,:]‖² + open paths), Eq. 9's left side."""
+        device = self.weight.device
+        sq = self.layer.in_open.to(self.weight, copy=True)
+        for link in self.layer.producers:
+            prod = graph[link.producer]
+            rows = row_sq_norms(self.weights[prod.name]) * self._bn(prod).square()
+            idx = link.index.to(device)
+            hit = idx >= 0
+            sq[hit] += rows[idx[hit]]
+        return sq.sqrt()
+
+    def output_factor(self, graph: LayerGraph) -> Tensor:
+        """Per output unit k: a_k sqrt(Σ_consumers ‖W_next[:,k]‖² + open paths), Eq. 9's right."""
+        device = self.weight.device
+        sq = self.layer.out_open.to(self.weight, copy=True)
+        for link in self.layer.consumers:
+            cons = graph[link.consumer]
+            cols = col_sq_norms(self.weights[cons.name], cons.groups)
+            idx = link.index.to(device)
+            hit = idx >= 0
+            sq.index_add_(0, idx[hit], cols[hit])
+        return sq.sqrt() * self._bn(self.layer)
+
+
+def _expand(weight: Tensor, layer: Layer, inputs: Tensor | None, outputs: Tensor | None) -> Tensor:
+    """Outer product of per-unit factors, shaped to broadcast against ``weight``."""
+    out, in_per_group = weight.shape[:2]
+    kernel = (1,) * (weight.dim() - 2)
+    factor = None
+    if inputs is not None:
+        g = layer.groups
+        fi = inputs.view(g, 1, in_per_group).expand(g, out // g, in_per_group)
+        factor = fi.reshape(out, in_per_group)
+    if outputs is not None:
+        fo = outputs.view(out, 1)
+        factor = fo if factor is None else factor * fo
+    assert factor is not None
+    return factor.view(factor.shape[0], factor.shape[1], *kernel)
+
+
+def magnitude(nb: Neighbourhood, graph: LayerGraph) -> Tensor:
+    """MP: |w| (Han et al., 2015)."""
+    return nb.weight.abs()
+
+
+def random_scores(nb: Neighbourhood, graph: LayerGraph) -> Tensor:
+    """RP: independent uniform scores from the seeded generator."""
+    w = nb.weight
+    return torch.rand(w.shape, generator=nb.generator, dtype=torch.float32).to(w.device)
+
+
+def lookahead(nb: Neighbourhood, graph: LayerGraph) -> Tensor:
+    """LAP, Eq. (5)/(9): |w| · a_{i-1}[j]‖W_{i-1}[j,:]‖ · a_i[k]‖W_{i+1}[:,k]‖."""
+    factor = _expand(nb.weight, nb.layer, nb.input_factor(graph), nb.output_factor(graph))
+    return nb.weight.abs() * factor
+
+
+def lookahead_forward_only(nb: Neighbourhood, graph: LayerGraph) -> Tensor:
+    """LFP: |w| · a_i[k]‖W_{i+1}[:,k]‖, looking only at the next layer."""
+    return nb.weight.abs() * _expand(nb.weight, nb.layer, None, nb.output_factor(graph))
+
+
+def lookahead_backward_only(nb: Neighbourhood, graph: LayerGraph) -> Tensor:
+    """LBP: |w| · a_{i-1}[j]‖W_{i-1}[j,:]‖, looking only at the previous layer."""
+    return nb.weight.abs() * _expand(nb.weight, nb.layer, nb.input_factor(graph), None)
+
+
+def lamp(nb: Neighbourhood, graph: LayerGraph) -> Tensor:
+    """LAMP (Lee et al., ICLR 2021): w² / Σ_{v: |v| >= |w|} v², a layer-adaptive magnitude score."""
+    sq = nb.weight.flatten().square()
+    sorted_sq, order = torch.sort(sq)
+    tail = sorted_sq.flip(0).cumsum(0).flip(0)  # sum of all weights not smaller than each
+    ratio = torch.where(tail > 0, sorted_sq / tail, torch.zeros_like(tail))
+    out = torch.empty_like(sq)
+    out[order] = ratio
+    return out.view_as(nb.weight)
+
+
+ScoreFn = Callable[[Neighbourhood, LayerGraph], Tensor]
+
+SCORES: dict[str, ScoreFn] = {
+    "mp": magnitude,
+    "rp": random_scores,
+    "lap": lookahead,
+    "lfp": lookahead_forward_only,
+    "lbp": lookahead_backward_only,
+    "lamp": lamp,
+}
+"""Score functions by method name; add an entry to register a new method."""
+
+
+def score_function(method: str) -> ScoreFn:
+    """The registered score function for ``method``; unknown names list the known ones."""
+    try:
+        return SCORES[method]
+    except KeyError:
+        raise ValueError(
+            f"unknown method {method!r}; known methods: {', '.join(sorted(SCORES))} "
+            "(and lap-forward, lap-backward, lap-forward-seq, lap-backward-seq)"
+        ) from None
