@@ -1,0 +1,103 @@
+"""Atomic, safe checkpoints: a crash never leaves a half-written file under the final name,
+and loading never runs code hidden in the file (``torch.load(weights_only=True)``)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["CheckpointError", "UnsafeCheckpointError", "load_checkpoint", "save_checkpoint"]
+
+MapLocation = str | torch.device | Mapping[str, str] | Callable[..., Any] | None
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is truncated, corrupt or not a checkpoint at all."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint holds arbitrary Python objects, which loading refuses to unpickle."""
+
+
+def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
+    """Write *state* to *path* atomically: temp file in the same folder, fsync, ``os.replace``.
+
+    Readers see either the old file or the complete new one, never a partial write.
+    Keep *state* to tensors, numbers, strings and containers so it loads with weights_only.
+    """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"checkpoint state must be a mapping, got {type(state).__name__}")
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint path {path} is a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(dict(state), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist the rename itself (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | Path, map_location: MapLocation = None) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint`, refusing arbitrary Python objects.
+
+    Raises FileNotFoundError if missing, UnsafeCheckpointError if the file needs more
+    than weights-only unpickling, and CheckpointError if it is truncated or corrupt.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # A forbidden class or function names itself as an "Unsupported global"; other
+        # weights-only failures (unknown opcodes, ...) come from damaged bytes.
+        if "unsupported global" in str(err).lower():
+            raise UnsafeCheckpointError(
+                f"refusing to load checkpoint {path}: it contains Python objects other than "
+                "tensors, numbers, strings and containers, and unpickling them could run code"
+            ) from err
+        raise _corrupt(path, err) from err
+    except PermissionError:
+        raise
+    except Exception as err:  # a damaged file fails in many ways: OSError, EOFError, KeyError...
+        raise _corrupt(path, err) from err
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"checkpoint {path} holds a {type(state).__name__}, not a dict; delete it and rerun"
+        )
+    return state
+
+
+def _corrupt(path: Path, err: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path} is truncated or corrupt ({type(err).__name__}: {err}); "
+        "delete the file and rerun to recompute it"
+    )

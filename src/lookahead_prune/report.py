@@ -1,0 +1,388 @@
+"""Paper-style tables (Markdown, CSV) and accuracy plots from results-store rows.
+
+A row is a flat mapping with at least ``model``, ``dataset``, ``method``, ``keep`` (the
+overall kept fraction), ``seed`` and the accuracy metrics as fractions in [0, 1], exactly as
+:meth:`lookahead_prune.store.RunStore.runs` returns them. One table or plot describes one
+(model, dataset): :func:`summarize` takes ``model=``/``dataset=`` filters and raises a clear
+error if the rows it is left with still mix several.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DEFAULT_METHOD_ORDER",
+    "Cell",
+    "Summary",
+    "method_label",
+    "method_order",
+    "plot_accuracy",
+    "rows_to_csv",
+    "summarize",
+    "to_csv",
+    "to_markdown",
+]
+
+DEFAULT_METHOD_ORDER = (
+    "mp",
+    "rp",
+    "lfp",
+    "lbp",
+    "lap",
+    "lap-forward",
+    "lap-backward",
+    "lap-forward-seq",
+    "lap-backward-seq",
+)
+
+# Significant digits of keep fractions when grouping: runs whose keep differs only by float
+# noise share a column.
+_KEEP_DIGITS = 6
+
+
+def _round_keep(keep: float) -> float:
+    return float(f"{float(keep):.{_KEEP_DIGITS}g}")
+
+
+_METRIC_TEXT = {
+    "test_acc_retrained": "test {quantity} (%) after retraining",
+    "test_acc_pruned": "test {quantity} (%) right after pruning, before retraining",
+}
+_PLOT_TITLES = {
+    "test_acc_pruned": "Before retraining",
+    "test_acc_retrained": "After retraining",
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Mean and sample standard deviation (ddof=1; 0 for one run) of n runs, in percent."""
+
+    mean: float
+    std: float
+    n: int
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A metric aggregated over seeds per (method, keep) for one model and dataset.
+
+    Values are percentages: error ``100 * (1 - acc)`` when ``as_error`` else ``100 * acc``.
+    """
+
+    metric: str
+    as_error: bool
+    baseline: str
+    model: str | None
+    dataset: str | None
+    cells: Mapping[tuple[str, float], Cell]
+
+    @property
+    def methods(self) -> list[str]:
+        """Methods present, in the default table order."""
+        return method_order({method for method, _ in self.cells})
+
+    @property
+    def keeps(self) -> list[float]:
+        """Keep fractions present (to 6 significant digits), largest first as in the paper."""
+        return sorted({keep for _, keep in self.cells}, reverse=True)
+
+    def cell(self, method: str, keep: float) -> Cell | None:
+        """The cell of *method* at *keep*, or None if no run has it."""
+        return self.cells.get((method, _round_keep(keep)))
+
+    def gain(self, method: str, keep: float) -> float | None:
+        """Relative change in percent vs the baseline's mean at the same keep.
+
+        ``(m - m_base) / m_base * 100``; None for the baseline itself, where either cell is
+        missing, or where the baseline mean is 0.
+        """
+        if method == self.baseline:
+            return None
+        here, base = self.cell(method, keep), self.cell(self.baseline, keep)
+        if here is None or base is None or base.mean == 0:
+            return None
+        return (here.mean - base.mean) / base.mean * 100.0
+
+
+def method_order(methods: Iterable[str]) -> list[str]:
+    """Sort method names as the paper's tables do: DEFAULT_METHOD_ORDER, then the rest A-Z."""
+    rank = {name: i for i, name in enumerate(DEFAULT_METHOD_ORDER)}
+    return sorted(set(methods), key=lambda m: (rank.get(m, len(rank)), m))
+
+
+def method_label(method: str) -> str:
+    """Display name as in the paper: family upper-cased, ``lap-forward`` -> ``LAP-forward``."""
+    family, sep, variant = method.partition("-")
+    return family.upper() + sep + variant
+
+
+def summarize(
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    metric: str = "test_acc_retrained",
+    as_error: bool = True,
+    baseline: str = "mp",
+    model: str | None = None,
+    dataset: str | None = None,
+) -> Summary:
+    """Group rows by (method, keep) and return mean, sample std and n of *metric* in percent.
+
+    *model* / *dataset* keep only matching rows; if the rest mix several (model, dataset)
+    pairs, or one (method, keep, seed) appears twice, a ValueError says how to filter.
+    """
+    selected = [
+        row
+        for row in rows
+        if (model is None or row.get("model") == model)
+        and (dataset is None or row.get("dataset") == dataset)
+    ]
+    if not selected:
+        wanted = f" for model={model!r}, dataset={dataset!r}" if model or dataset else ""
+        raise ValueError(f"no rows to summarize{wanted}")
+    pairs = sorted({(row.get("model"), row.get("dataset")) for row in selected}, key=str)
+    if len(pairs) > 1:
+        raise ValueError(
+            f"rows mix {len(pairs)} (model, dataset) pairs {pairs}; "
+            "pass model= and dataset= to summarize one of them"
+        )
+
+    values: dict[tuple[str, float], list[float]] = {}
+    seeds: set[tuple[str, float, Any]] = set()
+    for row in selected:
+        method, keep, acc = _required(row, "method"), _required(row, "keep"), _required(row, metric)
+        if not isinstance(method, str):
+            raise ValueError(f"row method must be a string, got {method!r}")
+        if not _is_number(keep) or not 0 < keep <= 1:
+            raise ValueError(f"row keep must be a fraction in (0, 1], got {keep!r}")
+        if not _is_number(acc) or not (math.isnan(acc) or 0 <= acc <= 1):
+            raise ValueError(f"{metric} must be an accuracy fraction in [0, 1], got {acc!r}")
+        group = (method, _round_keep(keep))
+        seed = row.get("seed")
+        if seed is not None:
+            if (*group, seed) in seeds:
+                raise ValueError(
+                    f"two runs of {method} at keep {group[1]} share seed {seed}; "
+                    "the rows mix configurations, filter them first"
+                )
+            seeds.add((*group, seed))
+        percent = 100.0 * (1.0 - acc) if as_error else 100.0 * acc
+        values.setdefault(group, []).append(percent)
+
+    cells = {group: _cell(xs) for group, xs in values.items()}
+    model_name, dataset_name = pairs[0]
+    return Summary(metric, as_error, baseline, model_name, dataset_name, cells)
+
+
+def _required(row: Mapping[str, Any], name: str) -> Any:
+    if row.get(name) is None:
+        where = {k: row.get(k) for k in ("method", "keep", "seed") if k in row}
+        raise ValueError(f"a row lacks {name!r} ({where}); only finished runs can be reported")
+    return row[name]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _cell(xs: Sequence[float]) -> Cell:
+    n = len(xs)
+    mean = math.fsum(xs) / n
+    std = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
+    return Cell(mean, std, n)
+
+
+def _keep_labels(keeps: Sequence[float]) -> list[str]:
+    """Percent labels like the paper's (``6.36%``), with more decimals only if two would clash."""
+    for decimals in range(2, _KEEP_DIGITS + 3):
+        labels = [f"{100 * k:.{decimals}f}%" for k in keeps]
+        if len(set(labels)) == len(labels):
+            return labels
+    return labels
+
+
+def _rows_in_order(summary: Summary, methods: Sequence[str] | None) -> list[str]:
+    if methods is None:
+        return summary.methods
+    missing = [m for m in methods if m not in summary.methods]
+    if missing:
+        raise ValueError(f"methods {missing} have no runs; present: {summary.methods}")
+    return list(methods)
+
+
+def _caption(summary: Summary) -> str:
+    quantity = "error" if summary.as_error else "accuracy"
+    text = _METRIC_TEXT.get(summary.metric, f"{quantity} (%) from `{summary.metric}`")
+    text = text.format(quantity=quantity)
+    subject = " of ".join(filter(None, [text, summary.model]))
+    subject += f" on {summary.dataset}" if summary.dataset else ""
+    ns = sorted({cell.n for cell in summary.cells.values()})
+    seeds = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+    return (
+        f"{subject[0].upper()}{subject[1:]}; mean±std over {seeds} seeds. Columns are % of "
+        f"weights remaining; bracketed numbers are relative changes vs "
+        f"{method_label(summary.baseline)} at the same keep fraction."
+    )
+
+
+def to_markdown(
+    summary: Summary,
+    *,
+    title: str | None = None,
+    methods: Sequence[str] | None = None,
+    decimals: int = 2,
+) -> str:
+    """Render a summary as a Markdown table shaped like the paper's Tables 1-6.
+
+    Rows are methods (*methods* order, else the default one), columns % weights remaining
+    (descending); cells ``mean±std (gain%)`` with the gain omitted on the baseline row.
+    """
+    keeps = summary.keeps
+    header = ["Method", *_keep_labels(keeps)]
+    lines = []
+    if title:
+        lines += [f"**{title}**", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * len(keeps)]
+    for method in _rows_in_order(summary, methods):
+        label = method_label(method) + (" (baseline)" if method == summary.baseline else "")
+        cells = [label]
+        for keep in keeps:
+            cell = summary.cell(method, keep)
+            if cell is None:
+                cells.append("—")
+                continue
+            text = f"{cell.mean:.{decimals}f}±{cell.std:.{decimals}f}"
+            gain = summary.gain(method, keep)
+            if gain is not None:
+                text += f" ({gain:+.{decimals}f}%)"
+            cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", _caption(summary)]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(summary: Summary, *, methods: Sequence[str] | None = None) -> str:
+    """Long-format CSV of a summary, one line per (method, keep), for spreadsheets and plots.
+
+    Columns: method, keep_percent, n_seeds, mean, std, gain_vs_baseline_percent (empty when
+    undefined).
+    """
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(
+        ["method", "keep_percent", "n_seeds", "mean", "std", "gain_vs_baseline_percent"]
+    )
+    for method in _rows_in_order(summary, methods):
+        for keep in summary.keeps:
+            cell = summary.cell(method, keep)
+            if cell is None:
+                continue
+            gain = summary.gain(method, keep)
+            writer.writerow(
+                [
+                    method,
+                    float(f"{100 * keep:.{_KEEP_DIGITS}g}"),
+                    cell.n,
+                    cell.mean,
+                    cell.std,
+                    "" if gain is None else gain,
+                ]
+            )
+    return out.getvalue()
+
+
+def rows_to_csv(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """Raw runs as CSV with the given columns; missing values are empty, nested ones JSON."""
+    columns = list(columns)
+    if not columns:
+        raise ValueError("rows_to_csv needs at least one column")
+    if len(set(columns)) != len(columns):
+        raise ValueError(f"duplicate columns in {columns}")
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_csv_value(row.get(name)) for name in columns])
+    return out.getvalue()
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, Mapping | list | tuple):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def plot_accuracy(
+    rows: Iterable[Mapping[str, Any]],
+    path: str | Path,
+    *,
+    metrics: Sequence[str] = ("test_acc_pruned", "test_acc_retrained"),
+    title: str | None = None,
+    model: str | None = None,
+    dataset: str | None = None,
+    methods: Sequence[str] | None = None,
+) -> None:
+    """Plot test accuracy vs % weights remaining, one subplot per metric, to a PNG or SVG.
+
+    The x axis is logarithmic and decreasing to the right as in the paper; each method is a
+    line of means with a ±std band. The format follows the suffix of *path*.
+    """
+    from matplotlib.figure import Figure  # no pyplot: no global backend or state
+    from matplotlib.ticker import NullLocator
+
+    path = Path(path)
+    if path.suffix.lower() not in (".png", ".svg"):
+        raise ValueError(f"plot path must end in .png or .svg, got {path.name!r}")
+    metrics = list(metrics)
+    if not metrics:
+        raise ValueError("plot_accuracy needs at least one metric")
+    rows = list(rows)
+    summaries = [
+        summarize(rows, metric=m, as_error=False, model=model, dataset=dataset) for m in metrics
+    ]
+
+    fig = Figure(figsize=(5.0 * len(metrics), 4.0), layout="constrained")
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, metric, summary in zip(axes, metrics, summaries, strict=True):
+        for method in _rows_in_order(summary, methods):
+            keeps = [k for k in summary.keeps if summary.cell(method, k) is not None]
+            cells = [summary.cell(method, k) for k in keeps]
+            x = [100 * k for k in keeps]
+            mean = [c.mean for c in cells]
+            (line,) = ax.plot(x, mean, marker="o", markersize=3, label=method_label(method))
+            ax.fill_between(
+                x,
+                [c.mean - c.std for c in cells],
+                [c.mean + c.std for c in cells],
+                color=line.get_color(),
+                alpha=0.2,
+                linewidth=0,
+            )
+        ax.set_xscale("log")
+        ticks = [100 * k for k in summary.keeps]
+        ax.set_xticks(ticks, labels=[label[:-1] for label in _keep_labels(summary.keeps)])
+        ax.xaxis.set_minor_locator(NullLocator())
+        if len(ticks) > 6:
+            ax.tick_params(axis="x", labelrotation=45)
+        ax.set_xlim(max(ticks) * 1.15, min(ticks) / 1.15)  # decreasing to the right
+        ax.set_xlabel("% weights remaining")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(_PLOT_TITLES.get(metric, metric))
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize="small")
+    subject = " on ".join(filter(None, [summaries[0].model, summaries[0].dataset]))
+    if title or subject:
+        fig.suptitle(title or subject)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)

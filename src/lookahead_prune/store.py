@@ -1,0 +1,381 @@
+"""The results database: one SQLite file, one row per finished run.
+
+Each run is keyed by :func:`config_hash` of its configuration, so a sweep can ask
+``store.has(key)`` to skip work already done. Every :meth:`RunStore.put` is a single
+committed transaction in WAL mode with ``synchronous=FULL``: a sweep killed at any
+moment (even ``kill -9``) loses no finished run and never writes one twice.
+
+Schema (version 1, kept in ``PRAGMA user_version``)::
+
+    runs(key TEXT PRIMARY KEY,        -- config_hash(config)
+         config TEXT, result TEXT,    -- canonical JSON
+         model, dataset, method, level, keep, seed,
+         test_acc_pruned, test_acc_retrained,   -- copies for filtering, NULL when absent
+         wall_time REAL, code_version TEXT, created_at TEXT)  -- meta; created_at is UTC ISO 8601
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import hashlib
+import json
+import math
+import numbers
+import sqlite3
+import subprocess
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+__all__ = ["SCHEMA_VERSION", "RunStore", "StoreError", "code_version", "config_hash"]
+
+SCHEMA_VERSION = 1
+
+# Convenience columns: read from the config first (then the result) ...
+_CONFIG_COLUMNS = ("model", "dataset", "method", "level", "seed")
+# ... or from the result first (then the config): the measured keep fraction wins.
+_RESULT_COLUMNS = ("keep", "test_acc_pruned", "test_acc_retrained")
+_META_COLUMNS = ("key", "wall_time", "code_version", "created_at")
+_INDEXED = _CONFIG_COLUMNS + _RESULT_COLUMNS + ("wall_time", "code_version", "created_at")
+
+_SCHEMA = """
+CREATE TABLE runs (
+    key TEXT PRIMARY KEY NOT NULL,
+    config TEXT NOT NULL,
+    result TEXT NOT NULL,
+    model TEXT,
+    dataset TEXT,
+    method TEXT,
+    level NUMERIC,
+    keep REAL,
+    seed INTEGER,
+    test_acc_pruned REAL,
+    test_acc_retrained REAL,
+    wall_time REAL NOT NULL,
+    code_version TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX runs_experiment ON runs (model, dataset, method, keep);
+CREATE INDEX runs_level ON runs (level);
+CREATE INDEX runs_seed ON runs (seed);
+"""
+
+# Significant digits kept for floats in the canonical form: absorbs arithmetic noise
+# such as 0.8**3 == 0.5120000000000001 so equal hyper-parameters hash equally.
+_FLOAT_DIGITS = 12
+
+
+class StoreError(RuntimeError):
+    """The results file cannot be used (newer schema, not a results store, not SQLite)."""
+
+
+def _canonical(value: Any, where: str = "config") -> Any:
+    """Return *value* as plain JSON types with floats rounded, or raise a clear error."""
+    if value is None or isinstance(value, str | bool):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        x = float(value)
+        if not math.isfinite(x):
+            raise ValueError(f"{where} holds a non-finite float ({x}); it cannot be hashed")
+        x = float(f"{x:.{_FLOAT_DIGITS}g}")
+        return 0.0 if x == 0 else x
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{where} has a non-string key {k!r}; use str keys")
+            out[k] = _canonical(v, f"{where}[{k!r}]")
+        return out
+    if isinstance(value, list | tuple):
+        return [_canonical(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise TypeError(
+        f"{where} holds a {type(value).__name__} ({value!r}); "
+        "only str, int, float, bool, None, lists and str-keyed mappings are allowed"
+    )
+
+
+def _canonical_json(config: Mapping[str, Any]) -> str:
+    """Serialize *config* canonically: sorted keys, no whitespace, rounded floats."""
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a mapping, got {type(config).__name__}")
+    return json.dumps(_canonical(config), sort_keys=True, separators=(",", ":"))
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """Return the run key: first 16 hex digits of sha256 over the canonical JSON of *config*.
+
+    Key order, whitespace, tuple-vs-list and float noise beyond 12 significant digits
+    do not change the hash; int 1 and float 1.0 do.
+    """
+    return _hash_text(_canonical_json(config))
+
+
+def _hash_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """Return ``git describe --always --dirty`` of this package's checkout, else ``__version__``.
+
+    Recorded with every run so results can be traced to the code that made them.
+    """
+    from lookahead_prune import __version__
+
+    pkg_dir = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-C", str(pkg_dir), *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        return done.stdout.strip()
+
+    try:
+        # Only trust the repository if it actually tracks this package (an installed
+        # copy inside some unrelated repository must not report that repository).
+        git("ls-files", "--error-unmatch", "__init__.py")
+        described = git("describe", "--always", "--dirty")
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    return described or __version__
+
+
+def _scalar(value: Any) -> Any:
+    """Return *value* if it fits a convenience column, else None (dicts, lists, NaN)."""
+    if isinstance(value, str | bool) or value is None:
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value) if math.isfinite(value) else None
+    return None
+
+
+def _pick(first: Mapping[str, Any], second: Mapping[str, Any], name: str) -> Any:
+    """Return the first scalar found for *name* in *first*, then *second*."""
+    for source in (first, second):
+        if name in source:
+            value = _scalar(source[name])
+            if value is not None:
+                return value
+    return None
+
+
+class RunStore:
+    """An SQLite file of finished runs, keyed by config hash; safe against kills mid-write.
+
+    Use as a context manager or call :meth:`close`. Rows come back as flat dicts:
+    config keys, then result keys (a result key wins over a config key of the same name),
+    then the meta columns ``key``, ``wall_time``, ``code_version``, ``created_at``.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise StoreError(f"{self.path} is a directory, not a results file")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves.
+        self._conn: sqlite3.Connection | None = sqlite3.connect(
+            self.path, timeout=30.0, isolation_level=None
+        )
+        try:
+            self._open()
+        except sqlite3.DatabaseError as err:
+            self.close()
+            raise StoreError(f"{self.path} is not a usable SQLite results file: {err}") from err
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> None:
+        """Set durability pragmas and create or check the schema."""
+        conn = self._db
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path} has results schema version {version}, newer than the "
+                    f"{SCHEMA_VERSION} this lookahead-prune understands; upgrade lookahead-prune"
+                )
+            if version == 0:
+                tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+                if tables:
+                    raise StoreError(
+                        f"{self.path} is an SQLite file with other tables, not a "
+                        "lookahead-prune results store; choose another path"
+                    )
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError(f"the results store {self.path} is closed")
+        return self._conn
+
+    def close(self) -> None:
+        """Close the connection; further use raises StoreError. Safe to call twice."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> RunStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT count(*) FROM runs").fetchone()[0]
+
+    def has(self, key: str) -> bool:
+        """Whether a finished run with this config hash is stored."""
+        row = self._db.execute("SELECT 1 FROM runs WHERE key = ?", (key,)).fetchone()
+        return row is not None
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """Return the flat dict of the run with this config hash, or None."""
+        cursor = self._db.execute(
+            "SELECT config, result, key, wall_time, code_version, created_at "
+            "FROM runs WHERE key = ?",
+            (key,),
+        )
+        row = cursor.fetchone()
+        return None if row is None else self._flatten(row)
+
+    def put(
+        self,
+        config: Mapping[str, Any],
+        result: Mapping[str, Any],
+        *,
+        wall_time: float,
+        code_version: str,
+    ) -> bool:
+        """Store one finished run in a single transaction; False if its config was already stored.
+
+        The existing row is never overwritten: a rerun of a sweep adds only missing runs.
+        """
+        config_json = _canonical_json(config)
+        if not isinstance(result, Mapping):
+            raise TypeError(f"result must be a mapping, got {type(result).__name__}")
+        for name, part in (("config", config), ("result", result)):
+            clash = sorted(set(part) & set(_META_COLUMNS))
+            if clash:
+                raise ValueError(f"{name} uses reserved name(s) {clash}; rename them")
+        if not isinstance(wall_time, numbers.Real) or not math.isfinite(wall_time):
+            raise ValueError(f"wall_time must be a finite number of seconds, got {wall_time!r}")
+        if wall_time < 0:
+            raise ValueError(f"wall_time must be >= 0, got {wall_time!r}")
+        if not isinstance(code_version, str) or not code_version:
+            raise ValueError("code_version must be a non-empty string (see code_version())")
+        try:
+            result_json = json.dumps(dict(result), sort_keys=True, separators=(",", ":"))
+        except TypeError as err:
+            raise TypeError(f"result is not JSON-serializable: {err}") from err
+
+        values: dict[str, Any] = {"key": _hash_text(config_json)}
+        values["config"] = config_json
+        values["result"] = result_json
+        for name in _CONFIG_COLUMNS:
+            values[name] = _pick(config, result, name)
+        for name in _RESULT_COLUMNS:
+            values[name] = _pick(result, config, name)
+        values["wall_time"] = float(wall_time)
+        values["code_version"] = code_version
+        values["created_at"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+        columns = ", ".join(values)
+        marks = ", ".join("?" for _ in values)
+        conn = self._db
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            cursor = conn.execute(
+                f"INSERT INTO runs ({columns}) VALUES ({marks}) ON CONFLICT(key) DO NOTHING",
+                tuple(values.values()),
+            )
+            inserted = cursor.rowcount == 1
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return inserted
+
+    def runs(self, **filters: Any) -> list[dict[str, Any]]:
+        """Return stored runs (in insertion order) whose fields equal every filter.
+
+        A filter value may be a list/tuple/set meaning "any of these"; floats match within
+        1e-9 relative tolerance. Indexed columns are filtered in SQL, other names on the
+        flat dict (a run lacking the name does not match unless the value is None).
+        """
+        where: list[str] = []
+        params: list[Any] = []
+        rest: dict[str, list[Any]] = {}
+        for name, wanted in filters.items():
+            options = list(wanted) if isinstance(wanted, list | tuple | set) else [wanted]
+            if not options:
+                raise ValueError(f"filter {name}= got an empty collection; nothing can match")
+            if name in _INDEXED:
+                clauses = []
+                for option in options:
+                    if option is None:
+                        clauses.append(f"{name} IS NULL")
+                    elif isinstance(option, float):
+                        clauses.append(f"abs({name} - ?) <= ?")
+                        params += [option, 1e-9 * max(1.0, abs(option))]
+                    else:
+                        clauses.append(f"{name} = ?")
+                        params.append(option)
+                where.append("(" + " OR ".join(clauses) + ")")
+            else:
+                rest[name] = options
+        sql = "SELECT config, result, key, wall_time, code_version, created_at FROM runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY rowid"
+        rows = [self._flatten(row) for row in self._db.execute(sql, params)]
+        return [r for r in rows if all(_matches(r.get(k), v) for k, v in rest.items())]
+
+    @staticmethod
+    def _flatten(row: tuple[Any, ...]) -> dict[str, Any]:
+        config_json, result_json, key, wall_time, version, created_at = row
+        flat: dict[str, Any] = {**json.loads(config_json), **json.loads(result_json)}
+        flat.update(key=key, wall_time=wall_time, code_version=version, created_at=created_at)
+        return flat
+
+
+def _matches(value: Any, options: Iterable[Any]) -> bool:
+    """Whether *value* equals one of *options* (floats within a relative 1e-9; bools only bools)."""
+    for option in options:
+        if isinstance(option, bool) or isinstance(value, bool):
+            if value is option:
+                return True
+        elif isinstance(option, float) and isinstance(value, numbers.Real):
+            if math.isclose(value, option, rel_tol=1e-9, abs_tol=1e-12):
+                return True
+        elif value == option:
+            return True
+    return False
