@@ -152,8 +152,9 @@ def test_grouped_and_depthwise_convs_map_channels_by_group():
         j = (k // 3) * 2 + jl  # global input channel of this grouped weight
         expected[k, jl] = w_mid[k, jl].abs() * row[j] * col[k]
     assert torch.allclose(scores["2"], expected, rtol=1e-5)
-    assert torch.allclose(col_sq_norms(w_mid, groups=2), w_mid.square().sum((2, 3)).view(2, 3, 2)
-                          .sum(1).reshape(-1))
+    assert torch.allclose(
+        col_sq_norms(w_mid, groups=2), w_mid.square().sum((2, 3)).view(2, 3, 2).sum(1).reshape(-1)
+    )
 
 
 def test_lamp_matches_definition():

@@ -269,9 +269,7 @@ def _candidate_inputs(first: nn.Module | None) -> list[tuple[Tensor, ...]]:
     if isinstance(first, nn.Conv3d):
         return [(zeros(2, first.in_channels, s, s, s),) for s in (16, 32)]
     if isinstance(first, nn.Conv2d):
-        return [
-            (zeros(2, first.in_channels, s, s),) for s in (32, 28, 64, 224)
-        ]
+        return [(zeros(2, first.in_channels, s, s),) for s in (32, 28, 64, 224)]
     return []
 
 
