@@ -1,0 +1,247 @@
+"""Train -> prune -> retrain: the paper's protocol and the rewinding variants around it.
+
+One dense model is trained per (model, dataset, seed) and reused by every method and level.
+One-shot pruning prunes each level from that dense model; iterative pruning applies the levels
+in turn, retraining between them. Retraining is fine-tuning, weight rewinding (to step k of the
+first training), learning-rate rewinding (Renda et al., 2020) or a lottery-ticket reset.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import ImageDataset
+from .models import build_model, dense_layer_names
+from .prune import prune
+from .schedule import level_keep, paper_pq
+from .train import TrainConfig, evaluate, lr_at, paper_lr, train
+
+RETRAIN_MODES = ("finetune", "rewind-weights", "rewind-lr", "lottery")
+PRUNE_MODES = ("oneshot", "iterative")
+TRAIN_EVAL_EXAMPLES = 10_000  # train accuracy (Appendix B) is measured on this many examples
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Everything shared by the runs of one dense model: what to train and how to retrain."""
+
+    model: str
+    dataset: str
+    seed: int = 0
+    activation: str = "relu"
+    train_steps: int = 1000
+    retrain_steps: int = 1000
+    lr: float | None = None  # None: the paper's learning rate for the model
+    batch_size: int = 60
+    optimizer: str = "adam"
+    schedule: str = "constant"
+    weight_decay: float = 0.0
+    retrain: str = "finetune"
+    rewind_step: int = 0
+    mode: str = "oneshot"
+    p: float | None = None  # None: the paper's (p, q) for the model
+    q: float | None = None
+    bn: bool = True
+    graph: str = "fx"
+    subset: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.retrain not in RETRAIN_MODES:
+            raise ValueError(f"retrain must be one of {RETRAIN_MODES}, not {self.retrain!r}")
+        if self.mode not in PRUNE_MODES:
+            raise ValueError(f"mode must be one of {PRUNE_MODES}, not {self.mode!r}")
+        if self.train_steps < 0 or self.retrain_steps < 0:
+            raise ValueError("train_steps and retrain_steps must be >= 0")
+        if not 0 <= self.rewind_step <= self.train_steps:
+            raise ValueError(
+                f"rewind_step must be within the first training (0..{self.train_steps}), "
+                f"not {self.rewind_step}"
+            )
+
+    @property
+    def learning_rate(self) -> float:
+        """The learning rate in use: the given one or the paper's."""
+        return self.lr if self.lr is not None else paper_lr(self.model)
+
+    @property
+    def pq(self) -> tuple[float, float]:
+        """(p, q) of the level schedule: the given values or the paper's."""
+        p0, q0 = paper_pq(self.model)
+        return (self.p if self.p is not None else p0, self.q if self.q is not None else q0)
+
+    def dense_config(self) -> dict[str, Any]:
+        """The fields that determine the dense model (its cache key)."""
+        keys = ("model", "dataset", "seed", "activation", "train_steps", "batch_size",
+                "optimizer", "schedule", "weight_decay", "subset")  # fmt: skip
+        return {k: getattr(self, k) for k in keys} | {"lr": self.learning_rate}
+
+    def run_config(self, method: str, level: int) -> dict[str, Any]:
+        """The full configuration of one pruning run, as stored and hashed."""
+        p, q = self.pq
+        return (
+            asdict(self)
+            | {"lr": self.learning_rate, "p": p, "q": q}
+            | {
+                "method": method,
+                "level": level,
+            }
+        )
+
+    def train_config(self, steps: int, *, lr: float | None = None, schedule: str | None = None):
+        """A :class:`TrainConfig` for ``steps`` steps of this protocol."""
+        return TrainConfig(
+            steps=steps,
+            lr=lr if lr is not None else self.learning_rate,
+            batch_size=self.batch_size,
+            optimizer=self.optimizer,
+            weight_decay=self.weight_decay,
+            schedule=schedule or self.schedule,
+            seed=self.seed,
+        )
+
+
+@dataclass
+class DenseModel:
+    """A trained dense model with the states retraining may rewind to."""
+
+    state: dict[str, torch.Tensor]
+    init: dict[str, torch.Tensor]
+    rewind: dict[str, torch.Tensor]
+    test_acc: float
+    test_loss: float
+    train_acc: float
+    wall_time: float
+
+
+def new_model(protocol: Protocol, data: ImageDataset) -> nn.Module:
+    """The protocol's architecture, sized for ``data``, Glorot-initialised from its seed."""
+    c, h, _ = data.input_shape
+    return build_model(
+        protocol.model,
+        in_channels=c,
+        image_size=h,
+        num_classes=data.num_classes,
+        activation=protocol.activation,
+        seed=protocol.seed,
+    )
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _train_subset(data: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    n = min(TRAIN_EVAL_EXAMPLES, len(data.train_y))
+    return data.train_x[:n], data.train_y[:n]
+
+
+def train_dense(protocol: Protocol, data: ImageDataset, *, progress: bool = False) -> DenseModel:
+    """Train the dense model once; keep its initial and rewind-point weights."""
+    device = data.train_x.device
+    model = new_model(protocol, data).to(device)
+    init = _cpu_state(model)
+    start = time.perf_counter()
+    result = train(
+        model,
+        data.train_x,
+        data.train_y,
+        protocol.train_config(protocol.train_steps),
+        checkpoints=(protocol.rewind_step,),
+        progress=progress,
+    )
+    test = evaluate(model, data.test_x, data.test_y)
+    train_metrics = evaluate(model, *_train_subset(data))
+    return DenseModel(
+        state=_cpu_state(model),
+        init=init,
+        rewind={k: v.cpu() for k, v in result.snapshots[protocol.rewind_step].items()},
+        test_acc=test.accuracy,
+        test_loss=test.loss,
+        train_acc=train_metrics.accuracy,
+        wall_time=time.perf_counter() - start,
+    )
+
+
+def load_weights_keeping_masks(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy a dense state dict into a (possibly pruned) model; masks stay as they are.
+
+    A pruned module stores its weight as ``weight_orig``; the dense ``weight`` goes there.
+    """
+    own = model.state_dict()
+    with torch.no_grad():
+        for key, value in state.items():
+            target = key if key in own else key.removesuffix("weight") + "weight_orig"
+            if target not in own:
+                raise KeyError(f"state entry {key!r} has no place in the model")
+            own[target].copy_(value)
+
+
+def _retrain_setup(protocol: Protocol, model: nn.Module, dense: DenseModel) -> TrainConfig:
+    """Reset weights as the retraining mode says and return its training configuration."""
+    steps = protocol.retrain_steps
+    if protocol.retrain == "finetune":
+        final_lr = lr_at(protocol.train_config(protocol.train_steps), protocol.train_steps)
+        return protocol.train_config(steps, lr=final_lr, schedule="constant")
+    if protocol.retrain == "rewind-weights":
+        load_weights_keeping_masks(model, dense.rewind)
+    elif protocol.retrain == "lottery":
+        load_weights_keeping_masks(model, dense.init)
+    return protocol.train_config(steps)  # the learning-rate schedule starts again
+
+
+@dataclass
+class LevelResult:
+    """Accuracy and loss of one pruned model before and after retraining."""
+
+    keep: float
+    keep_layers: dict[str, float]
+    test_acc_pruned: float
+    test_loss_pruned: float
+    train_acc_pruned: float
+    test_acc_retrained: float
+    test_loss_retrained: float
+    train_acc_retrained: float
+
+
+def prune_and_retrain(
+    protocol: Protocol,
+    model: nn.Module,
+    dense: DenseModel,
+    data: ImageDataset,
+    method: str,
+    level: int,
+) -> LevelResult:
+    """Prune ``model`` in place to ``level`` with ``method``, evaluate, retrain, evaluate."""
+    p, q = protocol.pq
+    keep = level_keep(model, level, p, q, dense=dense_layer_names(model))
+    report = prune(model, method, keep, bn=protocol.bn, graph=protocol.graph, seed=protocol.seed)
+    before = evaluate(model, data.test_x, data.test_y)
+    before_train = evaluate(model, *_train_subset(data))
+    config = _retrain_setup(protocol, model, dense)
+    if config.steps:
+        train(model, data.train_x, data.train_y, config)
+    after = evaluate(model, data.test_x, data.test_y)
+    after_train = evaluate(model, *_train_subset(data))
+    return LevelResult(
+        keep=report.keep,
+        keep_layers={r.name: r.keep for r in report.layers},
+        test_acc_pruned=before.accuracy,
+        test_loss_pruned=before.loss,
+        train_acc_pruned=before_train.accuracy,
+        test_acc_retrained=after.accuracy,
+        test_loss_retrained=after.loss,
+        train_acc_retrained=after_train.accuracy,
+    )
+
+
+def dense_model(protocol: Protocol, dense: DenseModel, data: ImageDataset) -> nn.Module:
+    """A fresh copy of the trained dense model on the data's device."""
+    model = new_model(protocol, data)
+    model.load_state_dict(dense.state)
+    return model.to(data.train_x.device)

@@ -1,0 +1,75 @@
+"""Per-layer keep fractions: the paper's level rule (Appendix C) and its overall fraction.
+
+At level τ a conv layer keeps p^τ of its weights, a linear layer q^τ, and the last layer
+((1+q)/2)^τ; (p, q) = (0, 0.5) for the MLPs and (0.85, 0.8) for the conv nets. Layers a model
+lists in ``dense_layers`` (ResNet-18's first conv) stay dense.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from torch import nn
+
+from .graph import prunable_layers
+
+PAPER_PQ: dict[str, tuple[float, float]] = {
+    "linear": (0.0, 0.5),
+    "fcn": (0.0, 0.5),
+    "conv6": (0.85, 0.8),
+    "vgg11": (0.85, 0.8),
+    "vgg16": (0.85, 0.8),
+    "vgg19": (0.85, 0.8),
+    "resnet18": (0.85, 0.8),
+}
+"""The paper's (p, q) per model: conv and linear keep factors per level."""
+
+
+def paper_pq(model_name: str) -> tuple[float, float]:
+    """(p, q) the paper uses for ``model_name``; conv-net values for models it did not use."""
+    return PAPER_PQ.get(model_name, (0.85, 0.8))
+
+
+def level_keep(
+    model: nn.Module,
+    level: int,
+    p: float,
+    q: float,
+    *,
+    dense: Iterable[str] = (),
+) -> dict[str, float]:
+    """Keep fraction per prunable layer at ``level`` (τ); ``dense`` layers are left out."""
+    if isinstance(level, bool) or not isinstance(level, int) or level < 0:
+        raise ValueError(f"level must be a non-negative integer, not {level!r}")
+    for name, value in (("p", p), ("q", q)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], not {value!r}")
+    layers = prunable_layers(model)
+    dense = set(dense)
+    unknown = dense - set(layers)
+    if unknown:
+        raise ValueError(f"dense layers {sorted(unknown)} are not prunable layers of the model")
+    last = list(layers)[-1]
+    keep = {}
+    for name, module in layers.items():
+        if name in dense:
+            continue
+        if name == last:
+            base = (1.0 + q) / 2.0
+        elif isinstance(module, nn.Linear):
+            base = q
+        else:
+            base = p
+        keep[name] = max(base**level, 0.0) if level else 1.0
+    return keep
+
+
+def overall_keep(model: nn.Module, keep: Mapping[str, float]) -> float:
+    """Overall fraction of prunable weights kept, counting ``round(keep * n)`` per layer."""
+    layers = prunable_layers(model)
+    total = sum(m.weight.numel() for m in layers.values())
+    kept = sum(
+        round(keep[n] * m.weight.numel()) if n in keep else m.weight.numel()
+        for n, m in layers.items()
+    )
+    return kept / total

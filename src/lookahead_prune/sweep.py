@@ -1,0 +1,207 @@
+"""Resumable sweeps: models x datasets x seeds x methods x levels into the results store.
+
+Every finished run is one committed row keyed by the hash of its full configuration, so a sweep
+killed at any moment (even ``kill -9``) resumes where it stopped and never repeats or loses a
+finished run. Dense models (and, for iterative pruning, each level's retrained model) are
+checkpointed atomically beside the database and loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import ImageDataset, load_dataset
+from .pipeline import DenseModel, Protocol, dense_model, prune_and_retrain, train_dense
+from .prune import parse_method
+from .store import RunStore, code_version, config_hash
+from .train import pick_device
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A grid of runs sharing one protocol template."""
+
+    protocol: Protocol
+    models: Sequence[str]
+    datasets: Sequence[str]
+    methods: Sequence[str]
+    levels: Sequence[int]
+    seeds: Sequence[int]
+
+    def __post_init__(self) -> None:
+        for name in ("models", "datasets", "methods", "levels", "seeds"):
+            if not getattr(self, name):
+                raise ValueError(f"a sweep needs at least one entry in {name}")
+        for method in self.methods:
+            parse_method(method)  # fail before any training on an unknown method
+        if any(isinstance(lv, bool) or not isinstance(lv, int) or lv < 0 for lv in self.levels):
+            raise ValueError(f"levels must be non-negative integers, got {list(self.levels)}")
+
+    def protocols(self) -> list[Protocol]:
+        """One protocol per (model, dataset, seed): each trains one dense model."""
+        return [
+            replace(self.protocol, model=m, dataset=d, seed=s)
+            for m, d, s in itertools.product(self.models, self.datasets, self.seeds)
+        ]
+
+    def size(self) -> int:
+        """Number of pruning runs in the grid."""
+        return len(self.protocols()) * len(self.methods) * len(self.levels)
+
+
+@dataclass
+class SweepStats:
+    """What a sweep call did."""
+
+    done: int = 0
+    skipped: int = 0
+    dense_trained: int = 0
+    wall_time: float = 0.0
+    keys: list[str] = field(default_factory=list)
+
+
+def _dense_path(workdir: Path, protocol: Protocol) -> Path:
+    return workdir / f"dense-{config_hash(protocol.dense_config())}.pt"
+
+
+def get_dense(
+    protocol: Protocol, data: ImageDataset, workdir: Path, *, progress: bool = False
+) -> tuple[DenseModel, bool]:
+    """The trained dense model from its checkpoint, training (and saving) it if missing."""
+    path = _dense_path(workdir, protocol)
+    if path.exists():
+        state = load_checkpoint(path)
+        return DenseModel(**state), False
+    dense = train_dense(protocol, data, progress=progress)
+    save_checkpoint(path, asdict(dense))
+    return dense, True
+
+
+def _save_pruned(path: Path, model: nn.Module) -> None:
+    save_checkpoint(path, {"state": {k: v.cpu() for k, v in model.state_dict().items()}})
+
+
+def _load_pruned(path: Path, model: nn.Module) -> nn.Module:
+    """Restore a pruned model: re-create its masks, then load weights and masks."""
+    state = load_checkpoint(path)["state"]
+    for name, module in model.named_modules():
+        mask = state.get(f"{name}.weight_mask" if name else "weight_mask")
+        if mask is not None:
+            torch_prune.custom_from_mask(module, "weight", mask.to(module.weight.device))
+    model.load_state_dict(state)
+    return model
+
+
+def run_sweep(
+    sweep: Sweep,
+    db: str | Path,
+    *,
+    workdir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    log: Callable[[str], Any] = print,
+) -> SweepStats:
+    """Run every missing (protocol, method, level) of ``sweep`` and store each as it finishes."""
+    start = time.perf_counter()
+    db = Path(db)
+    workdir = Path(workdir) if workdir is not None else db.with_name(db.stem + "-checkpoints")
+    workdir.mkdir(parents=True, exist_ok=True)
+    dev = pick_device(device)
+    version = code_version()
+    stats = SweepStats()
+    datasets: dict[tuple[str, int | None], ImageDataset] = {}
+    with RunStore(db) as store:
+        bar = tqdm(total=sweep.size(), disable=not progress, desc="runs", unit="run")
+        for protocol in sweep.protocols():
+            plan = [(m, lv) for m in sweep.methods for lv in sorted(sweep.levels)]
+            keys = {(m, lv): config_hash(protocol.run_config(m, lv)) for m, lv in plan}
+            missing = [k for k in keys.values() if not store.has(k)]
+            if not missing:
+                stats.skipped += len(plan)
+                bar.update(len(plan))
+                continue
+            data_key = (protocol.dataset, protocol.subset)
+            if data_key not in datasets:
+                datasets[data_key] = load_dataset(
+                    protocol.dataset, data_dir, device=dev, subset=protocol.subset
+                )
+            data = datasets[data_key]
+            t0 = time.perf_counter()
+            dense, trained = get_dense(protocol, data, workdir, progress=progress)
+            if trained:
+                stats.dense_trained += 1
+                log(
+                    f"dense {protocol.model}/{protocol.dataset} seed {protocol.seed}: "
+                    f"test acc {100 * dense.test_acc:.2f}% ({time.perf_counter() - t0:.1f}s)"
+                )
+            for method in sweep.methods:
+                model = dense_model(protocol, dense, data) if protocol.mode == "iterative" else None
+                for level in sorted(sweep.levels):
+                    key = keys[(method, level)]
+                    ckpt = workdir / f"iter-{key}.pt"
+                    if store.has(key):
+                        stats.skipped += 1
+                        bar.update(1)
+                        if model is not None:  # iterative: continue from this level's model
+                            model = _load_pruned(ckpt, dense_model(protocol, dense, data))
+                        continue
+                    t1 = time.perf_counter()
+                    current = model if model is not None else dense_model(protocol, dense, data)
+                    result = prune_and_retrain(protocol, current, dense, data, method, level)
+                    if model is not None:
+                        _save_pruned(ckpt, current)
+                    row = asdict(result) | {
+                        "dense_test_acc": dense.test_acc,
+                        "dense_train_acc": dense.train_acc,
+                        "device": str(dev),
+                    }
+                    store.put(
+                        protocol.run_config(method, level),
+                        row,
+                        wall_time=time.perf_counter() - t1,
+                        code_version=version,
+                    )
+                    stats.done += 1
+                    stats.keys.append(key)
+                    bar.update(1)
+                    bar.set_postfix_str(
+                        f"{method} L{level} {100 * result.keep:.2f}% "
+                        f"acc {100 * result.test_acc_retrained:.2f}%"
+                    )
+        bar.close()
+    stats.wall_time = time.perf_counter() - start
+    return stats
+
+
+def levels_from(spec: str | Sequence[int]) -> list[int]:
+    """Parse ``"2,4"`` or ``"4-10"`` (inclusive range) into a list of levels."""
+    if not isinstance(spec, str):
+        return [int(v) for v in spec]
+    levels: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if "-" in part:
+            lo, hi = (int(v) for v in part.split("-", 1))
+            levels.extend(range(lo, hi + 1))
+        elif part:
+            levels.append(int(part))
+    return levels
+
+
+def device_name() -> str:
+    """A short description of the compute device for result notes."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({torch.get_num_threads()} threads)"

@@ -1,0 +1,174 @@
+"""Train -> prune -> retrain: level schedule, retraining modes, resumable sweeps, CLI, reports."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lookahead_prune.cli import main
+from lookahead_prune.data import load_dataset
+from lookahead_prune.models import build_model
+from lookahead_prune.pipeline import Protocol, dense_model, prune_and_retrain, train_dense
+from lookahead_prune.schedule import level_keep, overall_keep
+from lookahead_prune.store import RunStore
+
+TABLE1 = [6.36, 3.21, 1.63, 0.84, 0.43, 0.23, 0.12]  # FCN, levels 4..10
+TABLE2 = [10.62, 8.86, 7.39, 6.18, 5.17, 4.32, 3.62]  # Conv-6 on CIFAR-10, levels 12..18
+
+
+def test_level_schedule_reproduces_the_papers_fractions():
+    fcn = build_model("fcn")
+    got = [round(100 * overall_keep(fcn, level_keep(fcn, t, 0.0, 0.5)), 2) for t in range(4, 11)]
+    assert got == TABLE1
+    conv6 = build_model("conv6", in_channels=3, image_size=32)
+    got = [
+        round(100 * overall_keep(conv6, level_keep(conv6, t, 0.85, 0.8)), 2) for t in range(12, 19)
+    ]
+    assert got == TABLE2
+    keep = level_keep(fcn, 2, 0.0, 0.5)
+    assert keep["fc1"] == 0.25 and keep["fc5"] == 0.75**2
+    resnet = build_model("resnet18")
+    assert "conv1" not in level_keep(resnet, 3, 0.85, 0.8, dense=("conv1",))
+    with pytest.raises(ValueError, match="level"):
+        level_keep(fcn, -1, 0.0, 0.5)
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return load_dataset("mnist", subset=600)
+
+
+def _protocol(**kw) -> Protocol:
+    base = {"model": "fcn", "dataset": "mnist", "train_steps": 40, "retrain_steps": 20,
+            "subset": 600, "rewind_step": 10}  # fmt: skip
+    return Protocol(**(base | kw))
+
+
+@pytest.mark.parametrize("mode", ["finetune", "rewind-weights", "rewind-lr", "lottery"])
+def test_retraining_modes(tiny_data, mode, monkeypatch):
+    protocol = _protocol(retrain=mode)
+    dense = train_dense(protocol, tiny_data)
+    model = dense_model(protocol, dense, tiny_data)
+    seen = {}
+    import lookahead_prune.pipeline as pipeline
+
+    real_train = pipeline.train
+
+    def spy(m, x, y, config, **kw):
+        seen["fc1"] = m.fc1.weight_orig.detach().clone()
+        seen["mask"] = m.fc1.weight_mask.detach().clone()
+        seen["lr"] = config.lr
+        return real_train(m, x, y, config, **kw)
+
+    monkeypatch.setattr(pipeline, "train", spy)
+    result = prune_and_retrain(protocol, model, dense, tiny_data, "lap", 2)
+    expected_start = {
+        "finetune": dense.state["fc1.weight"],
+        "rewind-lr": dense.state["fc1.weight"],
+        "rewind-weights": dense.rewind["fc1.weight"],
+        "lottery": dense.init["fc1.weight"],
+    }[mode]
+    assert torch.equal(seen["fc1"], expected_start)
+    assert not torch.equal(dense.rewind["fc1.weight"], dense.state["fc1.weight"])
+    # masks stay applied through retraining
+    assert torch.equal(model.fc1.weight_mask, seen["mask"])
+    assert bool((model.fc1.weight[seen["mask"] == 0] == 0).all())
+    assert abs(result.keep - 0.2514) < 1e-3
+    assert 0.0 <= result.test_acc_pruned <= 1.0 and 0.0 <= result.test_acc_retrained <= 1.0
+
+
+def test_sweep_cli_and_report_csv(tmp_path, capsys):
+    db = tmp_path / "r.sqlite"
+    args = ["sweep", "--model", "fcn", "--dataset", "mnist", "--methods", "mp,lap",
+            "--levels", "2,4", "--seeds", "0", "--train-steps", "30", "--retrain-steps", "10",
+            "--subset", "600", "--db", str(db), "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    assert main(args) == 0  # second call: everything already stored
+    assert "0 runs done, 4 already stored" in capsys.readouterr().out
+    assert main(["report", "--db", str(db), "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) == 4
+    assert {"model", "dataset", "method", "level", "keep", "seed", "test_acc_pruned",
+            "test_acc_retrained"} <= set(rows[0])  # fmt: skip
+    keeps = {(r["method"], r["level"]): float(r["keep"]) for r in rows}
+    assert round(keeps[("lap", "2")], 4) == 0.2514 and round(keeps[("mp", "4")], 4) == 0.0636
+    assert main(["report", "--db", str(db)]) == 0
+    assert "LAP" in capsys.readouterr().out
+
+
+def test_iterative_sweep_applies_levels_cumulatively(tmp_path):
+    db = tmp_path / "it.sqlite"
+    args = ["sweep", "--model", "fcn", "--methods", "lap", "--levels", "1,2", "--train-steps",
+            "20", "--retrain-steps", "5", "--subset", "600", "--mode", "iterative", "--db",
+            str(db), "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    with RunStore(db) as store:
+        rows = sorted(store.runs(), key=lambda r: r["level"])
+    assert [r["level"] for r in rows] == [1, 2]
+    assert rows[1]["keep"] < rows[0]["keep"]
+
+
+def test_killed_sweep_resumes_without_loss_or_duplicates(tmp_path):
+    db = tmp_path / "kill.sqlite"
+    cmd = [sys.executable, "-m", "lookahead_prune.cli", "sweep", "--model", "fcn", "--methods",
+           "mp,lap,lfp", "--levels", "1,2,3", "--train-steps", "30", "--retrain-steps", "60",
+           "--subset", "600", "--db", str(db), "--quiet"]  # fmt: skip
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    done = 0
+    while time.time() < deadline and proc.poll() is None:
+        if db.exists():
+            try:
+                with sqlite3.connect(db) as con:
+                    done = con.execute("SELECT count(*) FROM runs").fetchone()[0]
+            except sqlite3.Error:
+                done = 0
+            if done >= 2:
+                break
+        time.sleep(0.05)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with RunStore(db) as store:
+        before = {r["key"]: r for r in store.runs()}
+    assert 2 <= len(before) < 9, "the sweep should have been killed midway"
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+    with sqlite3.connect(db) as con:
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        keys = [k for (k,) in con.execute("SELECT key FROM runs")]
+    assert len(keys) == len(set(keys)) == 9
+    with RunStore(db) as store:
+        after = {r["key"]: r for r in store.runs()}
+    for key, row in before.items():  # finished runs are kept exactly as they were
+        assert after[key]["test_acc_retrained"] == row["test_acc_retrained"]
+        assert after[key]["created_at"] == row["created_at"]
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="no results database"):
+        main(["report", "--db", str(tmp_path / "none.sqlite")])
+    rc = main(["sweep", "--model", "fcn", "--methods", "obd9", "--levels", "1", "--db",
+               str(tmp_path / "x.sqlite")])  # fmt: skip
+    assert rc == 2 and "known methods" in capsys.readouterr().err
+
+
+def test_demo_writes_tables_and_plot(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main(["demo", "--out", str(out), "--levels", "2,6", "--train-steps", "40",
+               "--retrain-steps", "10"])  # fmt: skip
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "MP" in text and "LAP" in text and "25.14%" in text
+    assert (out / "demo.png").stat().st_size > 1000
+    assert Path(out / "demo.sqlite").exists()
