@@ -11,8 +11,10 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 import lookahead_prune as lp
-from lookahead_prune.masks import top_k_mask
+from lookahead_prune.masks import kth_smallest, top_k_mask
 from lookahead_prune.prune import MethodSpec, parse_method
+
+from .test_graph import Untraceable
 
 
 def _mlp(seed: int = 0) -> nn.Sequential:
@@ -68,6 +70,25 @@ def test_ties_are_broken_deterministically_by_index():
     assert torch.equal(top_k_mask(scores, 3), mask)
     alive = torch.tensor([True, False, True, True, True, True])
     assert top_k_mask(scores, 3, alive).tolist() == [False, False, True, True, False, True]
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "sorted"])
+def test_fast_selection_equals_kthvalue(kind):
+    g = torch.Generator().manual_seed(0)
+    n = 16 * 65536 + 123
+    flat = {
+        "random": torch.randn(n, generator=g),
+        "ties": torch.randint(0, 50, (n,), generator=g).float(),
+        "sorted": torch.arange(n).float(),
+    }[kind]
+    for j in (1, 7, n // 100, n // 2, n - n // 20, n - 3, n):
+        assert kth_smallest(flat, j) == torch.kthvalue(flat, j).values, j
+
+
+def test_magnitude_methods_need_no_trace():
+    model = Untraceable()
+    lp.prune(model, "mp", 0.5)  # MP never reads neighbours, so fx need not follow forward()
+    assert int(model.fc.weight_mask.sum()) == 3
 
 
 def test_pruning_is_cumulative_and_never_revives():

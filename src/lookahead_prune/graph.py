@@ -258,18 +258,18 @@ def _candidate_inputs(first: nn.Module | None) -> list[tuple[Tensor, ...]]:
     zeros = functools.partial(torch.zeros, device=device, dtype=dtype)
     if isinstance(first, nn.Linear):
         n = first.in_features
-        cands = [(zeros(2, n),)]
+        cands = [(zeros(1, n),)]
         for c in (1, 3):
             side = round((n / c) ** 0.5)
             if c * side * side == n:
-                cands.append((zeros(2, c, side, side),))
+                cands.append((zeros(1, c, side, side),))
         return cands
     if isinstance(first, nn.Conv1d):
-        return [(zeros(2, first.in_channels, s),) for s in (64, 256, 1024)]
+        return [(zeros(1, first.in_channels, s),) for s in (64, 256, 1024)]
     if isinstance(first, nn.Conv3d):
-        return [(zeros(2, first.in_channels, s, s, s),) for s in (16, 32)]
+        return [(zeros(1, first.in_channels, s, s, s),) for s in (16, 32)]
     if isinstance(first, nn.Conv2d):
-        return [(zeros(2, first.in_channels, s, s),) for s in (32, 28, 64, 224)]
+        return [(zeros(1, first.in_channels, s, s),) for s in (32, 28, 64, 224)]
     return []
 
 
@@ -631,6 +631,24 @@ def _sequential_graph(model: nn.Module) -> LayerGraph:
     return LayerGraph(layers, "sequential")
 
 
+GRAPH_MODES = ("fx", "sequential")
+
+
+def check_graph_mode(mode: str) -> None:
+    """Refuse a graph mode other than ``fx`` (traced) or ``sequential`` (module order)."""
+    if mode not in GRAPH_MODES:
+        raise ValueError(f"graph must be 'fx' or 'sequential', not {mode!r}")
+
+
+def layers_only(model: nn.Module) -> LayerGraph:
+    """Prunable layers without neighbours, for scores that never look at them (MP, RP, LAMP)."""
+    if not prunable_layers(model):
+        raise ValueError(
+            f"{type(model).__name__} has no prunable layers (nn.Linear, nn.Conv1d/2d/3d)."
+        )
+    return LayerGraph({n: _new_layer(n, m) for n, m in prunable_layers(model).items()}, "none")
+
+
 _CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[Any, LayerGraph]] = weakref.WeakKeyDictionary()
 
 
@@ -649,8 +667,7 @@ def build_graph(
 
     The result is cached per model object until its modules change.
     """
-    if mode not in ("fx", "sequential"):
-        raise ValueError(f"graph must be 'fx' or 'sequential', not {mode!r}")
+    check_graph_mode(mode)
     if not prunable_layers(model):
         raise ValueError(
             f"{type(model).__name__} has no prunable layers (nn.Linear, nn.Conv1d/2d/3d)."

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .graph import LayerGraph, build_graph, prunable_layers
+from .graph import LayerGraph, build_graph, check_graph_mode, layers_only, prunable_layers
 from .masks import apply_mask, current_mask, effective_weight, global_masks, top_k_mask
-from .scores import SCORES, Neighbourhood, score_function
+from .scores import NEIGHBOUR_METHODS, SCORES, Neighbourhood, score_function
 
 ORDERS = ("base", "forward", "backward")
 SCOPES = ("layer", "global")
@@ -157,6 +157,8 @@ def _targets(keep: Keep, names: Sequence[str], layers: Iterable[str] | None) -> 
 
 def _check_finite(weights: Mapping[str, Tensor]) -> None:
     for name, w in weights.items():
+        if bool(torch.isfinite(w.sum())):  # any NaN/inf makes the sum non-finite
+            continue
         if not bool(torch.isfinite(w).all()):
             bad = int((~torch.isfinite(w)).sum())
             raise ValueError(
@@ -184,6 +186,19 @@ def _schedule(final: int, start: int, steps: int) -> list[int]:
     if final >= start:
         return [final] * steps
     return [round(start - (start - final) * s / steps) for s in range(1, steps + 1)]
+
+
+def _graph_for(
+    method: str, model: nn.Module, mode: str, example_inputs: Sequence[Tensor] | None
+) -> LayerGraph:
+    """The traced graph for methods that look at neighbours; bare layers for the others.
+
+    MP, RP and LAMP never read a neighbour, so they skip tracing (and work on any model).
+    """
+    if method in NEIGHBOUR_METHODS:
+        return build_graph(model, mode, example_inputs)
+    check_graph_mode(mode)
+    return layers_only(model)
 
 
 def _normalised(scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -224,13 +239,13 @@ def compute_masks(
             raise ValueError("scope='global' takes one overall keep fraction, not a dict")
         if spec.order != "base":
             raise ValueError("scope='global' prunes all layers at once; use order='base'")
-    weights = {n: effective_weight(m).clone() for n, m in modules.items()}
+    weights = {n: effective_weight(m) for n, m in modules.items()}  # never modified in place
     _check_finite(weights)
     alive = {n: current_mask(modules[n]) for n in targets}
-    layer_graph = build_graph(model, graph, example_inputs)
+    layer_graph = _graph_for(spec.score, model, graph, example_inputs)
     generator = torch.Generator().manual_seed(seed)
     totals = {n: weights[n].numel() for n in targets}
-    start = {n: int(alive[n].sum()) for n in targets}
+    start = {n: int(torch.count_nonzero(alive[n])) for n in targets}
     finals = {n: round(targets[n] * totals[n]) for n in targets}
     for n in targets:
         if finals[n] > start[n]:
@@ -242,31 +257,32 @@ def compute_masks(
     if scope == "global":
         total_final = round(targets[next(iter(targets))] * sum(totals.values()))
         plan = _schedule(total_final, sum(start.values()), spec.steps)
-        for k in plan:
+        for step, k in enumerate(plan):
             scores = _score_layers(targets, spec.score, layer_graph, weights, bn, generator)
             if normalize:
                 scores = _normalised(scores)
-            masks = global_masks(scores, k, alive)
-            for n in targets:
-                alive[n] = masks[n]
-                weights[n] = weights[n] * masks[n]
+            alive = global_masks(scores, k, alive)
+            if step + 1 < len(plan):
+                weights = weights | {n: weights[n] * alive[n] for n in targets}
         return alive, spec
     plans = {n: _schedule(finals[n], start[n], spec.steps) for n in targets}
     ordered = [n for n in layer_graph.names() if n in targets]
     if spec.order == "backward":
         ordered.reverse()
     for step in range(spec.steps):
+        last = step + 1 == spec.steps
         if spec.order == "base":
             scores = _score_layers(ordered, spec.score, layer_graph, weights, bn, generator)
             for n in ordered:
                 alive[n] = top_k_mask(scores[n], plans[n][step], alive[n])
-            for n in ordered:
-                weights[n] = weights[n] * alive[n]
+            if not last:
+                weights = weights | {n: weights[n] * alive[n] for n in ordered}
         else:
-            for n in ordered:
+            for i, n in enumerate(ordered):
                 score = _score_layers([n], spec.score, layer_graph, weights, bn, generator)[n]
                 alive[n] = top_k_mask(score, plans[n][step], alive[n])
-                weights[n] = weights[n] * alive[n]
+                if not (last and i + 1 == len(ordered)):
+                    weights = weights | {n: weights[n] * alive[n]}
     return alive, spec
 
 
@@ -340,6 +356,6 @@ def compute_scores(
         raise ValueError(f"{type(model).__name__} has no prunable layers (nn.Linear/Conv).")
     weights = {n: effective_weight(m) for n, m in modules.items()}
     _check_finite(weights)
-    layer_graph = build_graph(model, graph, example_inputs)
+    layer_graph = _graph_for(spec.score, model, graph, example_inputs)
     generator = torch.Generator().manual_seed(seed)
     return _score_layers(modules, spec.score, layer_graph, weights, bn, generator)

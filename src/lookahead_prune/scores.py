@@ -114,7 +114,7 @@ def random_scores(nb: Neighbourhood, graph: LayerGraph) -> Tensor:
 def lookahead(nb: Neighbourhood, graph: LayerGraph) -> Tensor:
     """LAP, Eq. (5)/(9): |w| · a_{i-1}[j]‖W_{i-1}[j,:]‖ · a_i[k]‖W_{i+1}[:,k]‖."""
     factor = _expand(nb.weight, nb.layer, nb.input_factor(graph), nb.output_factor(graph))
-    return nb.weight.abs() * factor
+    return nb.weight.abs().mul_(factor)
 
 
 def lookahead_forward_only(nb: Neighbourhood, graph: LayerGraph) -> Tensor:
@@ -149,6 +149,9 @@ SCORES: dict[str, ScoreFn] = {
     "lamp": lamp,
 }
 """Score functions by method name; add an entry to register a new method."""
+
+NEIGHBOUR_METHODS: set[str] = {"lap", "lfp", "lbp"}
+"""Methods whose scores read neighbouring layers (and so need the traced graph)."""
 
 
 def score_function(method: str) -> ScoreFn:

@@ -1,0 +1,128 @@
+"""Train many same-shaped models at once: the pruned copies of one dense model.
+
+The copies that a sweep retrains (methods x levels, or seeds) differ only in weights and masks,
+so we stack their parameters (``torch.func.stack_module_state``) and run one vectorised
+forward/backward (``vmap`` over ``functional_call``). Adam and SGD act element-wise, so one
+optimiser over the stacked tensors is exactly K separate optimisers. Each model draws its own
+batches from its own seed; models with the same seed share one batch (no copy).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state, vmap
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .data import BatchStream
+from .train import TrainConfig, TrainResult, lr_at
+
+
+def _check_models(models: Sequence[nn.Module]) -> None:
+    if not models:
+        raise ValueError("train_batched needs at least one model")
+    names = [[(n, p.shape) for n, p in m.named_parameters()] for m in models]
+    masks = [sorted(n for n, _ in m.named_buffers() if n.endswith("weight_mask")) for m in models]
+    if any(n != names[0] for n in names) or any(m != masks[0] for m in masks):
+        raise ValueError(
+            "train_batched needs models of one architecture with the same layers pruned "
+            "(the same parameter names and shapes); train the others separately"
+        )
+    for m in models:
+        for name, module in m.named_modules():
+            if isinstance(module, _BatchNorm | nn.Dropout):
+                raise ValueError(
+                    f"module '{name}' ({type(module).__name__}) keeps per-model state or "
+                    "randomness that vmap does not batch here; use train() per model"
+                )
+
+
+def _optimizer(params: list[Tensor], config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+
+
+def train_batched(
+    models: Sequence[nn.Module],
+    x: Tensor,
+    y: Tensor,
+    config: TrainConfig,
+    *,
+    seeds: Sequence[int] | None = None,
+) -> list[TrainResult]:
+    """Train ``models`` in place, each as ``train(model, x, y, config)`` with its own seed would.
+
+    ``seeds`` defaults to ``config.seed`` for every model. Masks stay applied (the masked
+    entries of ``weight_orig`` are reset to 0 after each update, as :func:`train` does).
+    Results match separate runs up to floating-point summation order.
+    """
+    _check_models(models)
+    seeds = list(seeds) if seeds is not None else [config.seed] * len(models)
+    if len(seeds) != len(models):
+        raise ValueError(f"got {len(seeds)} seeds for {len(models)} models")
+    params, buffers = stack_module_state(list(models))
+    base = models[0]
+    masks = [
+        (params[n.removesuffix("_mask") + "_orig"], buffers[n])
+        for n in buffers
+        if n.endswith("weight_mask") and n.removesuffix("_mask") + "_orig" in params
+    ]
+    unique = sorted(set(seeds))
+    streams = {
+        s: BatchStream(x, y, config.batch_size, seed=s, augment=config.augment) for s in unique
+    }
+    which = torch.tensor([unique.index(s) for s in seeds], device=x.device)
+    shared = len(unique) == 1
+
+    def loss_one(p: dict[str, Tensor], b: dict[str, Tensor], xb: Tensor, yb: Tensor) -> Tensor:
+        return F.cross_entropy(functional_call(base, (p, b), (xb,)), yb)
+
+    batched_loss = vmap(loss_one, in_dims=(0, 0, None if shared else 0, None if shared else 0))
+    optimizer = _optimizer(list(params.values()), config)
+    tail: list[Tensor] = []
+    tail_start = config.steps - min(100, config.steps)
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    start = time.perf_counter()
+    try:
+        for model in models:
+            model.train()
+        with torch.no_grad():
+            for orig, mask in masks:
+                orig.mul_(mask)
+        for step in range(1, config.steps + 1):
+            if config.schedule != "constant":
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(config, step - 1)
+            drawn = [next(streams[s]) for s in unique]
+            if shared:
+                xb, yb = drawn[0]
+            else:
+                xb = torch.stack([b[0] for b in drawn])[which]
+                yb = torch.stack([b[1] for b in drawn])[which]
+            losses = batched_loss(params, buffers, xb, yb)
+            optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            optimizer.step()
+            with torch.no_grad():
+                for orig, mask in masks:
+                    orig.mul_(mask)
+            if step > tail_start:
+                tail.append(losses.detach())
+    finally:
+        for module, flag in modes:
+            module.training = flag
+    wall = time.perf_counter() - start
+    with torch.no_grad():
+        for i, model in enumerate(models):
+            for name, p in model.named_parameters():
+                p.copy_(params[name][i])
+    final = torch.stack(tail).mean(0).tolist() if tail else [math.nan] * len(models)
+    return [TrainResult(config.steps, loss, wall, {}) for loss in final]
