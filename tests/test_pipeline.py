@@ -122,7 +122,7 @@ def test_killed_sweep_resumes_without_loss_or_duplicates(tmp_path):
     db = tmp_path / "kill.sqlite"
     cmd = [sys.executable, "-m", "lookahead_prune.cli", "sweep", "--model", "fcn", "--methods",
            "mp,lap,lfp", "--levels", "1,2,3", "--train-steps", "30", "--retrain-steps", "60",
-           "--subset", "600", "--db", str(db), "--quiet"]  # fmt: skip
+           "--subset", "600", "--db", str(db), "--quiet", "--batch-models", "2"]  # fmt: skip
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

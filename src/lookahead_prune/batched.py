@@ -23,6 +23,15 @@ from .data import BatchStream
 from .train import TrainConfig, TrainResult, lr_at
 
 
+def batchable(models: Sequence[nn.Module]) -> bool:
+    """Whether :func:`train_batched` can train these models together."""
+    try:
+        _check_models(models)
+    except ValueError:
+        return False
+    return True
+
+
 def _check_models(models: Sequence[nn.Module]) -> None:
     if not models:
         raise ValueError("train_batched needs at least one model")

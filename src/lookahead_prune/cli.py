@@ -67,6 +67,10 @@ def _add_protocol_args(p: argparse.ArgumentParser, *, train: int, retrain: int) 
     g.add_argument("--subset", type=int, default=None, help="use only n training examples")
     g.add_argument("--data-dir", default=None, help="dataset folder (default: $LAP_DATA or cache)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    g.add_argument(
+        "--batch-models", type=int, default=16,
+        help="retrain up to this many pruned copies of a dense model together (vectorised)",
+    )  # fmt: skip
 
 
 def _protocol(args: argparse.Namespace, model: str, dataset: str, seed: int) -> Protocol:
@@ -112,7 +116,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     sweep = Sweep(protocol, ["fcn"], ["mnist"], methods, levels, list(range(args.seeds)))
     db = out / "demo.sqlite"
     start = time.perf_counter()
-    stats = run_sweep(sweep, db, data_dir=args.data_dir, device=args.device)
+    stats = run_sweep(
+        sweep, db, data_dir=args.data_dir, device=args.device, batch_models=args.batch_models
+    )
     with RunStore(db) as store:
         rows = [r for r in store.runs(model="fcn", dataset="mnist") if r["key"] in _keys(sweep)]
     print()
@@ -176,7 +182,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             [int(s) for s in _split(args.seeds)],
         )
         db, data_dir, device = args.db, args.data_dir, args.device
-    stats = run_sweep(sweep, db, data_dir=data_dir, device=device, progress=not args.quiet)
+    stats = run_sweep(
+        sweep,
+        db,
+        data_dir=data_dir,
+        device=device,
+        progress=not args.quiet,
+        batch_models=args.batch_models,
+    )
     print(
         f"{stats.done} runs done, {stats.skipped} already stored, "
         f"{stats.dense_trained} dense models trained, {stats.wall_time:.1f}s -> {db}"

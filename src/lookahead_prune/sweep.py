@@ -22,7 +22,15 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import ImageDataset, load_dataset
-from .pipeline import DenseModel, Protocol, dense_model, prune_and_retrain, train_dense
+from .pipeline import (
+    DenseModel,
+    LevelResult,
+    Protocol,
+    dense_model,
+    prune_and_retrain,
+    prune_and_retrain_many,
+    train_dense,
+)
 from .prune import parse_method
 from .store import RunStore, code_version, config_hash
 from .train import pick_device
@@ -103,6 +111,76 @@ def _load_pruned(path: Path, model: nn.Module) -> nn.Module:
     return model
 
 
+@dataclass
+class _Runner:
+    """The state one sweep call shares across its protocols: store, progress, counters."""
+
+    store: RunStore
+    bar: Any
+    stats: SweepStats
+    device: torch.device
+    version: str
+    workdir: Path
+    batch_models: int
+
+    def record(
+        self, protocol: Protocol, dense: DenseModel, job: tuple[str, int], result: LevelResult,
+        wall: float,
+    ) -> None:  # fmt: skip
+        """Store one finished run (one committed transaction) and advance the progress bar."""
+        method, level = job
+        row = asdict(result) | {
+            "dense_test_acc": dense.test_acc,
+            "dense_train_acc": dense.train_acc,
+            "device": str(self.device),
+        }
+        config = protocol.run_config(method, level)
+        self.store.put(config, row, wall_time=wall, code_version=self.version)
+        self.stats.done += 1
+        self.stats.keys.append(config_hash(config))
+        self.bar.update(1)
+        self.bar.set_postfix_str(
+            f"{method} L{level} {100 * result.keep:.2f}% acc {100 * result.test_acc_retrained:.2f}%"
+        )
+
+    def skip(self, n: int) -> None:
+        """Count ``n`` runs that were already stored."""
+        self.stats.skipped += n
+        self.bar.update(n)
+
+    def oneshot(
+        self, protocol: Protocol, dense: DenseModel, data: ImageDataset, todo: list[tuple[str, int]]
+    ) -> None:
+        """Every level pruned from the dense model; retrained ``batch_models`` at a time."""
+        for i in range(0, len(todo), self.batch_models):
+            group = todo[i : i + self.batch_models]
+            start = time.perf_counter()
+            models = [dense_model(protocol, dense, data) for _ in group]
+            results = prune_and_retrain_many(protocol, models, dense, data, group)
+            wall = (time.perf_counter() - start) / len(group)
+            for job, result in zip(group, results, strict=True):
+                self.record(protocol, dense, job, result, wall)
+
+    def iterative(
+        self, protocol: Protocol, dense: DenseModel, data: ImageDataset, methods: Sequence[str],
+        levels: Sequence[int],
+    ) -> None:  # fmt: skip
+        """Levels applied in turn; each level's model is checkpointed so a rerun continues."""
+        for method in methods:
+            model = dense_model(protocol, dense, data)
+            for level in sorted(levels):
+                config = protocol.run_config(method, level)
+                ckpt = self.workdir / f"iter-{config_hash(config)}.pt"
+                if self.store.has(config_hash(config)):
+                    self.skip(1)
+                    model = _load_pruned(ckpt, dense_model(protocol, dense, data))
+                    continue
+                start = time.perf_counter()
+                result = prune_and_retrain(protocol, model, dense, data, method, level)
+                _save_pruned(ckpt, model)
+                self.record(protocol, dense, (method, level), result, time.perf_counter() - start)
+
+
 def run_sweep(
     sweep: Sweep,
     db: str | Path,
@@ -112,25 +190,30 @@ def run_sweep(
     device: str | None = None,
     progress: bool = True,
     log: Callable[[str], Any] = print,
+    batch_models: int = 16,
 ) -> SweepStats:
-    """Run every missing (protocol, method, level) of ``sweep`` and store each as it finishes."""
+    """Run every missing (protocol, method, level) of ``sweep`` and store each as it finishes.
+
+    One-shot runs of one dense model are retrained ``batch_models`` at a time in one
+    vectorised loop where the architecture allows it (see :mod:`lookahead_prune.batched`).
+    """
+    if batch_models < 1:
+        raise ValueError(f"batch_models must be >= 1, not {batch_models}")
     start = time.perf_counter()
     db = Path(db)
     workdir = Path(workdir) if workdir is not None else db.with_name(db.stem + "-checkpoints")
     workdir.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
-    version = code_version()
     stats = SweepStats()
     datasets: dict[tuple[str, int | None], ImageDataset] = {}
     with RunStore(db) as store:
         bar = tqdm(total=sweep.size(), disable=not progress, desc="runs", unit="run")
+        runner = _Runner(store, bar, stats, dev, code_version(), workdir, batch_models)
         for protocol in sweep.protocols():
             plan = [(m, lv) for m in sweep.methods for lv in sorted(sweep.levels)]
-            keys = {(m, lv): config_hash(protocol.run_config(m, lv)) for m, lv in plan}
-            missing = [k for k in keys.values() if not store.has(k)]
-            if not missing:
-                stats.skipped += len(plan)
-                bar.update(len(plan))
+            todo = [job for job in plan if not store.has(config_hash(protocol.run_config(*job)))]
+            if not todo:
+                runner.skip(len(plan))
                 continue
             data_key = (protocol.dataset, protocol.subset)
             if data_key not in datasets:
@@ -146,40 +229,11 @@ def run_sweep(
                     f"dense {protocol.model}/{protocol.dataset} seed {protocol.seed}: "
                     f"test acc {100 * dense.test_acc:.2f}% ({time.perf_counter() - t0:.1f}s)"
                 )
-            for method in sweep.methods:
-                model = dense_model(protocol, dense, data) if protocol.mode == "iterative" else None
-                for level in sorted(sweep.levels):
-                    key = keys[(method, level)]
-                    ckpt = workdir / f"iter-{key}.pt"
-                    if store.has(key):
-                        stats.skipped += 1
-                        bar.update(1)
-                        if model is not None:  # iterative: continue from this level's model
-                            model = _load_pruned(ckpt, dense_model(protocol, dense, data))
-                        continue
-                    t1 = time.perf_counter()
-                    current = model if model is not None else dense_model(protocol, dense, data)
-                    result = prune_and_retrain(protocol, current, dense, data, method, level)
-                    if model is not None:
-                        _save_pruned(ckpt, current)
-                    row = asdict(result) | {
-                        "dense_test_acc": dense.test_acc,
-                        "dense_train_acc": dense.train_acc,
-                        "device": str(dev),
-                    }
-                    store.put(
-                        protocol.run_config(method, level),
-                        row,
-                        wall_time=time.perf_counter() - t1,
-                        code_version=version,
-                    )
-                    stats.done += 1
-                    stats.keys.append(key)
-                    bar.update(1)
-                    bar.set_postfix_str(
-                        f"{method} L{level} {100 * result.keep:.2f}% "
-                        f"acc {100 * result.test_acc_retrained:.2f}%"
-                    )
+            if protocol.mode == "oneshot":
+                runner.skip(len(plan) - len(todo))
+                runner.oneshot(protocol, dense, data, todo)
+            else:
+                runner.iterative(protocol, dense, data, sweep.methods, sweep.levels)
         bar.close()
     stats.wall_time = time.perf_counter() - start
     return stats
