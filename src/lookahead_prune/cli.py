@@ -68,8 +68,9 @@ def _add_protocol_args(p: argparse.ArgumentParser, *, train: int, retrain: int) 
     g.add_argument("--data-dir", default=None, help="dataset folder (default: $LAP_DATA or cache)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     g.add_argument(
-        "--batch-models", type=int, default=16,
-        help="retrain up to this many pruned copies of a dense model together (vectorised)",
+        "--batch-models", type=int, default=None,
+        help="retrain up to this many pruned copies of a dense model together (vectorised; "
+        "default 16 on a GPU, 1 on a CPU where it does not pay)",
     )  # fmt: skip
 
 

@@ -190,20 +190,24 @@ def run_sweep(
     device: str | None = None,
     progress: bool = True,
     log: Callable[[str], Any] = print,
-    batch_models: int = 16,
+    batch_models: int | None = None,
 ) -> SweepStats:
     """Run every missing (protocol, method, level) of ``sweep`` and store each as it finishes.
 
     One-shot runs of one dense model are retrained ``batch_models`` at a time in one
     vectorised loop where the architecture allows it (see :mod:`lookahead_prune.batched`).
+    ``None`` picks 16 on a GPU and 1 on a CPU, where the vectorised loop is no faster
+    (benchmarks/RESULTS.md).
     """
-    if batch_models < 1:
+    if batch_models is not None and batch_models < 1:
         raise ValueError(f"batch_models must be >= 1, not {batch_models}")
     start = time.perf_counter()
     db = Path(db)
     workdir = Path(workdir) if workdir is not None else db.with_name(db.stem + "-checkpoints")
     workdir.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
+    if batch_models is None:
+        batch_models = 16 if dev.type == "cuda" else 1
     stats = SweepStats()
     datasets: dict[tuple[str, int | None], ImageDataset] = {}
     with RunStore(db) as store:
