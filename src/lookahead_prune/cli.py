@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--methods", default="mp,lap", help=METHOD_HELP)
     demo.add_argument("--levels", default="2,4,6,8,10", help='levels, e.g. "2,4" or "4-10"')
     demo.add_argument("--seeds", type=int, default=1, help="number of seeds")
-    _add_protocol_args(demo, train=2000, retrain=500)
+    _add_protocol_args(demo, train=3000, retrain=1000)
     demo.set_defaults(func=cmd_demo)
 
     sw = sub.add_parser("sweep", help=cmd_sweep.__doc__, description=cmd_sweep.__doc__)

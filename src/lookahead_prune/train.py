@@ -241,7 +241,7 @@ def train(
     tail: list[Tensor] = []
     snapshots = {0: _snapshot(model)} if 0 in wanted else {}
     modes = _module_modes(model)
-    bar = tqdm(total=config.steps, desc="train", unit="step", disable=not progress)
+    bar = tqdm(total=config.steps, desc="train", unit="step", disable=not progress, leave=False)
     start = time.perf_counter()
     try:
         with _seeded_rng(device, config.seed):
