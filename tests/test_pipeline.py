@@ -172,3 +172,12 @@ def test_demo_writes_tables_and_plot(tmp_path, capsys):
     assert "MP" in text and "LAP" in text and "25.14%" in text
     assert (out / "demo.png").stat().st_size > 1000
     assert Path(out / "demo.sqlite").exists()
+
+
+def test_global_scope_spends_the_levels_budget_under_one_threshold(tiny_data):
+    protocol = _protocol(scope="global", retrain_steps=0)
+    dense = train_dense(protocol, tiny_data)
+    model = dense_model(protocol, dense, tiny_data)
+    result = prune_and_retrain(protocol, model, dense, tiny_data, "lamp", 4)
+    assert abs(result.keep - 0.0636) < 1e-3  # the same overall fraction as layer-wise level 4
+    assert len({round(v, 4) for v in result.keep_layers.values()}) > 2  # spread unevenly

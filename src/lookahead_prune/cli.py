@@ -64,6 +64,10 @@ def _add_protocol_args(p: argparse.ArgumentParser, *, train: int, retrain: int) 
     g.add_argument("--q", type=float, default=None, help="linear keep factor per level")
     g.add_argument("--no-bn", action="store_true", help="LAP without Eq. 9's batch-norm factors")
     g.add_argument("--graph", default="fx", choices=["fx", "sequential"])
+    g.add_argument(
+        "--scope", default="layer", choices=["layer", "global"],
+        help="global: the level's overall fraction under one threshold (normalised scores)",
+    )  # fmt: skip
     g.add_argument("--subset", type=int, default=None, help="use only n training examples")
     g.add_argument("--data-dir", default=None, help="dataset folder (default: $LAP_DATA or cache)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
@@ -95,14 +99,35 @@ def _protocol(args: argparse.Namespace, model: str, dataset: str, seed: int) -> 
         bn=not args.no_bn,
         graph=args.graph,
         subset=args.subset,
+        scope=args.scope,
+    )
+
+
+PROTOCOL_FIELDS = [f.name for f in fields(Protocol) if f.name != "seed"]
+
+
+def protocol_groups(rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
+    """Rows grouped by everything in their protocol but the seed: one table per group."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        key = tuple(repr(r.get(name)) for name in PROTOCOL_FIELDS)
+        groups.setdefault(key, []).append(r)
+    return groups
+
+
+def _title(rows: list[dict[str, Any]], metric: str) -> str:
+    r = rows[0]
+    return (
+        f"{r['model']} ({r.get('activation')}) on {r['dataset']}, {r.get('mode')} pruning, "
+        f"{r.get('retrain')} retraining, {r.get('train_steps')}+{r.get('retrain_steps')} steps: "
+        f"test error (%), {metric}"
     )
 
 
 def _print_tables(rows: list[dict[str, Any]], metric: str) -> None:
-    pairs = sorted({(r["model"], r["dataset"]) for r in rows})
-    for model, dataset in pairs:
-        summary = summarize(rows, metric=metric, model=model, dataset=dataset)
-        print(to_markdown(summary, title=f"{model} on {dataset}: test error (%), {metric}"))
+    for group in protocol_groups(rows).values():
+        summary = summarize(group, metric=metric)
+        print(to_markdown(summary, title=_title(group, metric)))
         print()
 
 
@@ -210,9 +235,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.format == "csv":
         sys.stdout.write(rows_to_csv(rows, CSV_COLUMNS))
     elif args.format == "summary-csv":
-        for model, dataset in sorted({(r["model"], r["dataset"]) for r in rows}):
-            s = summarize(rows, metric=args.metric, model=model, dataset=dataset)
-            sys.stdout.write(to_csv(s))
+        for group in protocol_groups(rows).values():
+            sys.stdout.write(to_csv(summarize(group, metric=args.metric)))
     else:
         _print_tables(rows, args.metric)
     if args.plot:

@@ -20,7 +20,7 @@ from .batched import batchable, train_batched
 from .data import ImageDataset
 from .models import build_model, dense_layer_names
 from .prune import prune
-from .schedule import level_keep, paper_pq
+from .schedule import kept_fraction, level_keep, paper_pq
 from .train import TrainConfig, evaluate, lr_at, paper_lr, train
 
 RETRAIN_MODES = ("finetune", "rewind-weights", "rewind-lr", "lottery")
@@ -51,10 +51,13 @@ class Protocol:
     bn: bool = True
     graph: str = "fx"
     subset: int | None = None
+    scope: str = "layer"  # "global": one threshold for the level's overall keep fraction
 
     def __post_init__(self) -> None:
         if self.retrain not in RETRAIN_MODES:
             raise ValueError(f"retrain must be one of {RETRAIN_MODES}, not {self.retrain!r}")
+        if self.scope not in ("layer", "global"):
+            raise ValueError(f"scope must be 'layer' or 'global', not {self.scope!r}")
         if self.mode not in PRUNE_MODES:
             raise ValueError(f"mode must be one of {PRUNE_MODES}, not {self.mode!r}")
         if self.train_steps < 0 or self.retrain_steps < 0:
@@ -226,9 +229,24 @@ def prune_and_retrain_many(
     reports, before, before_train = [], [], []
     configs = []
     for model, (method, level) in zip(models, jobs, strict=True):
-        keep = level_keep(model, level, p, q, dense=dense_layer_names(model))
+        dense_names = dense_layer_names(model)
+        keep: float | dict[str, float] = level_keep(model, level, p, q, dense=dense_names)
+        layers = None
+        if protocol.scope == "global":  # the same overall budget, spread by one threshold
+            layers = list(keep)
+            keep = kept_fraction(model, keep)
         reports.append(
-            prune(model, method, keep, bn=protocol.bn, graph=protocol.graph, seed=protocol.seed)
+            prune(
+                model,
+                method,
+                keep,
+                scope=protocol.scope,
+                normalize=method != "lamp",
+                layers=layers,
+                bn=protocol.bn,
+                graph=protocol.graph,
+                seed=protocol.seed,
+            )
         )
         before.append(evaluate(model, data.test_x, data.test_y))
         before_train.append(evaluate(model, *_train_subset(data)))

@@ -73,3 +73,10 @@ def overall_keep(model: nn.Module, keep: Mapping[str, float]) -> float:
         for n, m in layers.items()
     )
     return kept / total
+
+
+def kept_fraction(model: nn.Module, keep: Mapping[str, float]) -> float:
+    """Fraction of the weights of the layers in ``keep`` that survive, as ``prune`` counts."""
+    layers = prunable_layers(model)
+    sizes = {n: layers[n].weight.numel() for n in keep}
+    return sum(round(keep[n] * sizes[n]) for n in keep) / sum(sizes.values())

@@ -1,0 +1,213 @@
+"""Build the MNIST result files (Fig. 2, Fig. 3, Table 1, Appendix B) from a results database.
+
+    python results/build_mnist.py results/mnist.sqlite
+
+Reads the runs that ``results/run_mnist.sh`` stored and writes CSV, Markdown and PNG files under
+``results/mnist-linear/`` and ``results/mnist-fcn/``. Nothing here trains or prunes: every
+number comes from the database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from lookahead_prune.report import method_label, method_order, summarize, to_markdown
+from lookahead_prune.store import RunStore
+
+HERE = Path(__file__).resolve().parent
+TABLE1_METHODS = [
+    "mp", "rp", "lfp", "lbp", "lap", "lap-forward", "lap-backward", "lap-forward-seq",
+    "lap-backward-seq",
+]  # fmt: skip
+
+
+def _select(rows: Iterable[Mapping[str, Any]], **match: Any) -> list[dict[str, Any]]:
+    return [dict(r) for r in rows if all(r.get(k) == v for k, v in match.items())]
+
+
+def _stats(values: Sequence[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def _write_csv(path: Path, header: Sequence[str], lines: Iterable[Sequence[Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(lines)
+    path.write_text(buf.getvalue())
+
+
+def accuracy_csv(path: Path, rows: list[dict[str, Any]], metric: str) -> None:
+    """``method,keep_percent,acc_mean,acc_std`` (accuracy in %) over seeds."""
+    groups: dict[tuple[str, float], list[float]] = defaultdict(list)
+    for r in rows:
+        groups[(r["method"], round(100 * r["keep"], 2))].append(100 * r[metric])
+    lines = []
+    for method in method_order({m for m, _ in groups}):
+        for keep in sorted({k for m, k in groups if m == method}, reverse=True):
+            mean, std = _stats(groups[(method, keep)])
+            lines.append((method, f"{keep:.2f}", f"{mean:.2f}", f"{std:.2f}"))
+    _write_csv(path, ["method", "keep_percent", "acc_mean", "acc_std"], lines)
+
+
+def plot_panels(path: Path, panels: Sequence[tuple[str, list[dict[str, Any]], str]]) -> None:
+    """One accuracy-vs-% remaining panel per (title, rows, metric), mean ± std over seeds."""
+    fig = Figure(figsize=(4.2 * len(panels), 3.6))
+    for i, (title, rows, metric) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for method in method_order({r["method"] for r in rows}):
+            groups: dict[float, list[float]] = defaultdict(list)
+            for r in rows:
+                if r["method"] == method:
+                    groups[100 * r["keep"]].append(100 * r[metric])
+            keeps = sorted(groups, reverse=True)
+            means = [_stats(groups[k])[0] for k in keeps]
+            stds = [_stats(groups[k])[1] for k in keeps]
+            ax.plot(keeps, means, marker="o", ms=3, label=method_label(method))
+            lo = [m - s for m, s in zip(means, stds, strict=True)]
+            hi = [m + s for m, s in zip(means, stds, strict=True)]
+            ax.fill_between(keeps, lo, hi, alpha=0.2)
+        ax.set_xscale("log")
+        ax.invert_xaxis()
+        ax.set_xlabel("% weights remaining")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def table1(out: Path, rows: list[dict[str, Any]]) -> None:
+    """Table 1: test error after retraining, CSV in the issue's columns plus the paper's layout."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[(r["method"], round(100 * r["keep"], 2))].append(r)
+    lines = []
+    for method in TABLE1_METHODS:
+        for keep in sorted({k for m, k in groups if m == method}, reverse=True):
+            runs = groups[(method, keep)]
+            mean, std = _stats([100 * (1 - r["test_acc_retrained"]) for r in runs])
+            lines.append((method, f"{keep:.2f}", len(runs), runs[0]["train_steps"],
+                          runs[0]["retrain_steps"], f"{mean:.2f}", f"{std:.2f}"))  # fmt: skip
+    header = ["method", "keep_percent", "n_seeds", "train_steps", "retrain_steps", "error_mean",
+              "error_std"]  # fmt: skip
+    _write_csv(out / "table1.csv", header, lines)
+    summary = summarize(rows, metric="test_acc_retrained", model="fcn", dataset="mnist")
+    dense = statistics.fmean(100 * (1 - r["dense_test_acc"]) for r in rows)
+    title = f"Table 1 (reduced protocol): FCN on MNIST, test error (%); dense model {dense:.2f}%"
+    (out / "table1.md").write_text(to_markdown(summary, title=title, methods=TABLE1_METHODS) + "\n")
+
+
+def appendix_b(out: Path, rows: list[dict[str, Any]]) -> None:
+    """Appendix B: train accuracy and generalisation gap (train - test) after retraining."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r["method"] in ("mp", "lap"):
+            groups[(r["method"], round(100 * r["keep"], 2))].append(r)
+    lines = []
+    for (method, keep), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        train_m, _ = _stats([100 * r["train_acc_retrained"] for r in runs])
+        test_m, _ = _stats([100 * r["test_acc_retrained"] for r in runs])
+        gap_m, gap_s = _stats(
+            [100 * (r["train_acc_retrained"] - r["test_acc_retrained"]) for r in runs]
+        )
+        lines.append((method, f"{keep:.2f}", f"{train_m:.2f}", f"{test_m:.2f}", f"{gap_m:.2f}",
+                      f"{gap_s:.2f}"))  # fmt: skip
+    header = ["method", "keep_percent", "train_acc_mean", "test_acc_mean", "gap_mean", "gap_std"]
+    _write_csv(out / "appendix_b.csv", header, lines)
+    sub = [r for r in rows if r["method"] in ("mp", "lap")]
+    for r in sub:
+        r["gap"] = r["train_acc_retrained"] - r["test_acc_retrained"] + 0.0
+    fig = Figure(figsize=(8.4, 3.6))
+    for i, (metric, label) in enumerate(
+        [("test_acc_retrained", "test accuracy (%)"), ("gap", "train - test accuracy (%)")]
+    ):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for method in ("mp", "lap"):
+            pts: dict[float, list[float]] = defaultdict(list)
+            for r in sub:
+                if r["method"] == method:
+                    pts[100 * r["keep"]].append(100 * r[metric])
+            keeps = sorted(pts, reverse=True)
+            ax.plot(keeps, [_stats(pts[k])[0] for k in keeps], marker="o", ms=3,
+                    label=method_label(method))  # fmt: skip
+        ax.set_xscale("log")
+        ax.invert_xaxis()
+        ax.set_xlabel("% weights remaining")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "appendix_b.png", dpi=110)
+
+
+def protocol_note(rows: list[dict[str, Any]]) -> str:
+    """Seeds, steps, code versions and run time of a set of rows, for the README beside them."""
+    seeds = sorted({r["seed"] for r in rows})
+    versions = sorted({r["code_version"] for r in rows})
+    steps = sorted({(r["train_steps"], r["retrain_steps"]) for r in rows})
+    wall = sum(r["wall_time"] for r in rows)
+    return (
+        f"- runs: {len(rows)}; seeds: {seeds}; (train, retrain) steps: {steps}; "
+        f"Adam, lr {rows[0]['lr']}, batch {rows[0]['batch_size']}\n"
+        f"- code version(s): {', '.join(versions)}\n"
+        f"- time in prune+retrain+evaluate, summed over runs: {wall / 60:.1f} min "
+        f"(dense training not included); device: {rows[0]['device']}\n"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("db", nargs="?", default=str(HERE / "mnist.sqlite"))
+    args = parser.parse_args()
+    with RunStore(args.db) as store:
+        rows = store.runs(dataset="mnist", mode="oneshot", retrain="finetune")
+
+    linear = _select(rows, model="linear")
+    fcn = _select(rows, model="fcn")
+    if not linear or not fcn:
+        raise SystemExit(f"{args.db} lacks the linear or FCN runs; run results/run_mnist.sh")
+    out = HERE / "mnist-linear"
+    out.mkdir(exist_ok=True)
+    accuracy_csv(out / "before_retrain.csv", linear, "test_acc_pruned")
+    accuracy_csv(out / "after_retrain.csv", linear, "test_acc_retrained")
+    panels = [
+        ("(a) before retraining", linear, "test_acc_pruned"),
+        ("(b) after retraining", linear, "test_acc_retrained"),
+    ]
+    plot_panels(out / "fig2.png", panels)
+    (out / "protocol.txt").write_text(protocol_note(linear))
+
+    out = HERE / "mnist-fcn"
+    out.mkdir(exist_ok=True)
+    relu = _select(fcn, activation="relu")
+    panels = []
+    for act, tag in (("sigmoid", "a"), ("tanh", "b"), ("relu", "c")):
+        sub = [r for r in _select(fcn, activation=act) if r["method"] in ("mp", "lap")]
+        accuracy_csv(out / f"fig3_{act}_after_retrain.csv", sub, "test_acc_retrained")
+        panels.append((f"({tag}) {act}, after retraining", sub, "test_acc_retrained"))
+    relu_mp_lap = [r for r in relu if r["method"] in ("mp", "lap")]
+    accuracy_csv(out / "before_retrain.csv", relu_mp_lap, "test_acc_pruned")
+    panels.append(("(d) relu, before retraining", relu_mp_lap, "test_acc_pruned"))
+    plot_panels(out / "fig3.png", panels)
+    table_rows = [r for r in relu if 4 <= r["level"] <= 10 and r["method"] in TABLE1_METHODS]
+    table1(out, table_rows)
+    appendix_b(out, relu)
+    (out / "protocol.txt").write_text(protocol_note(fcn))
+    print(f"wrote {HERE / 'mnist-linear'} and {HERE / 'mnist-fcn'} from {args.db}")
+
+
+if __name__ == "__main__":
+    main()
