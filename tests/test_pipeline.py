@@ -181,3 +181,20 @@ def test_global_scope_spends_the_levels_budget_under_one_threshold(tiny_data):
     result = prune_and_retrain(protocol, model, dense, tiny_data, "lamp", 4)
     assert abs(result.keep - 0.0636) < 1e-3  # the same overall fraction as layer-wise level 4
     assert len({round(v, 4) for v in result.keep_layers.values()}) > 2  # spread unevenly
+
+
+def test_sweep_from_toml(tmp_path, capsys):
+    db = tmp_path / "t.sqlite"
+    cfg = tmp_path / "sweep.toml"
+    cfg.write_text(
+        f'model = "fcn"\nmethods = ["mp", "lap-forward"]\nlevels = "1-2"\nseeds = [0]\n'
+        f'train_steps = 20\nretrain_steps = 5\nsubset = 600\ndb = "{db}"\n'
+    )
+    assert main(["sweep", str(cfg), "--quiet"]) == 0
+    with RunStore(db) as store:
+        assert sorted((r["method"], r["level"]) for r in store.runs()) == [
+            ("lap-forward", 1), ("lap-forward", 2), ("mp", 1), ("mp", 2)
+        ]  # fmt: skip
+    cfg.write_text('methods = ["mp"]\nlevels = [1]\nwarmup = 3\n')
+    with pytest.raises(SystemExit, match="unknown keys"):
+        main(["sweep", str(cfg)])
