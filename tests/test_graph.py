@@ -173,3 +173,113 @@ def test_graph_is_cached_per_model_and_rebuilt_when_modules_change():
     model[2] = nn.Linear(4, 5)
     g2 = build_graph(model)
     assert g2 is not g1 and g2["2"].out_units == 5
+
+
+def test_sequential_and_traced_graphs_agree_on_a_chain_with_batchnorm():
+    model = build_model("vgg11", in_channels=3, image_size=32)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.2, 2.0)
+                m.running_var.uniform_(0.5, 2.0)
+    fx_scores = lp.compute_scores(model, "lap")
+    seq_scores = lp.compute_scores(model, "lap", graph="sequential")
+    for name, score in fx_scores.items():
+        assert torch.allclose(score, seq_scores[name], rtol=1e-5), name
+    plain = lp.compute_scores(model, "lap", bn=False)
+    assert not torch.allclose(plain["features.4"], fx_scores["features.4"])
+
+
+class SumThenNorm(nn.Module):
+    """Two branches added, then batch norm (pre-activation style): the BN is on both paths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 5, bias=False)
+        self.b = nn.Linear(4, 5, bias=False)
+        self.bn = nn.BatchNorm1d(5)
+        self.c = nn.Linear(5, 3, bias=False)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.bn(self.a(x) + self.b(x))))
+
+
+def test_batchnorm_after_an_add_scales_both_branches_as_eq4():
+    model = SumThenNorm().double().eval()
+    with torch.no_grad():
+        model.bn.weight.uniform_(-2, 2)
+        model.bn.running_var.uniform_(0.1, 3)
+    a = torch.diag(model.bn.weight / (model.bn.running_var + model.bn.eps).sqrt()).detach()
+    wa, wc = model.a.weight.detach(), model.c.weight.detach()
+    literal = torch.empty_like(wa)
+    for k in range(5):
+        for j in range(4):
+            e = torch.zeros_like(wa)
+            e[k, j] = wa[k, j]
+            literal[k, j] = torch.linalg.matrix_norm(wc @ a @ e @ torch.ones(4, 1).double())
+    assert torch.allclose(lp.compute_scores(model, "lap")["a"], literal)
+
+
+class Heads(nn.Module):
+    """Post-processing after the last layer (chunk, log_softmax) and a stored activation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(3, 6)
+        self.fc2 = nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        self.last_hidden = h
+        mu, logvar = self.fc2(h).chunk(2, dim=1)
+        return torch.log_softmax(mu, dim=1), logvar
+
+
+def test_ops_after_the_last_layer_count_as_the_output_and_tracing_leaves_no_proxy():
+    model = Heads()
+    scores = lp.compute_scores(model, "lap")
+    graph = build_graph(model)
+    assert torch.equal(graph["fc2"].out_open, torch.ones(4))
+    assert bool((scores["fc2"] > 0).all())
+    assert not hasattr(model, "last_hidden") or isinstance(model.last_hidden, torch.Tensor)
+
+
+class WithUnused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(4, 2)
+        self.spare = nn.Linear(9, 9)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_unused_layer_only_matters_when_it_is_pruned():
+    model = WithUnused()
+    lp.prune(model, "lap", 0.5, layers=["a", "b"])
+    assert int(model.a.weight_mask.sum()) == 6
+    with pytest.raises(GraphError, match="never called"):
+        lp.prune(WithUnused(), "lap", 0.5)
+
+
+def test_batchnorm_subclass_is_followed():
+    class MyBN(nn.BatchNorm1d):
+        pass
+
+    model = nn.Sequential(nn.Linear(3, 4), MyBN(4), nn.ReLU(), nn.Linear(4, 2))
+    assert lp.neighbour_names(build_graph(model), "0") == ([], ["3"])
+
+
+def test_channel_reduction_is_refused_even_when_shapes_look_alike():
+    class Squash(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 8, 3, padding=1)
+            self.fc = nn.Linear(64, 2)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(torch.relu(self.conv(x)).mean(1), 1))
+
+    with pytest.raises(GraphError, match="across units"):
+        build_graph(Squash(), example_inputs=(torch.zeros(1, 1, 8, 8),))

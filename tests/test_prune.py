@@ -247,3 +247,20 @@ def test_rp_is_seeded():
     assert all(
         torch.equal(a.get_submodule(n).weight_mask, b.get_submodule(n).weight_mask) for n in LAYERS
     )
+
+
+def test_parametrized_weight_is_refused_before_anything_is_pruned():
+    model = nn.Sequential(
+        nn.Linear(4, 4), nn.ReLU(), torch.nn.utils.parametrizations.weight_norm(nn.Linear(4, 2))
+    )
+    with pytest.raises(ValueError, match="plain parameter"):
+        lp.prune(model, "mp", 0.5)
+    assert not hasattr(model[0], "weight_mask")
+
+
+def test_tie_filling_never_revives_a_pruned_weight():
+    scores = torch.tensor([float("-inf"), float("-inf"), 1.0])
+    alive = torch.tensor([False, True, True])
+    assert top_k_mask(scores, 2, alive).tolist() == [False, True, True]
+    exact = torch.tensor([1.0, 1.0 + 1e-12], dtype=torch.float64)
+    assert top_k_mask(exact, 1).tolist() == [False, True]  # float64 scores are not rounded

@@ -151,6 +151,7 @@ class Link:
     producer: str
     consumer: str
     index: Tensor
+    bns: tuple = ()  # batch norms on this path: (bn, unit map at the bn), see _Reach
 
 
 @dataclass
@@ -167,6 +168,8 @@ class Layer:
     consumers: list[Link] = field(default_factory=list)
     in_open: Tensor | None = None  # per input unit: paths from the model input or an identity
     out_open: Tensor | None = None  # per output unit: paths to the model output or an identity
+    in_open_bn: list = field(default_factory=list)  # open paths through batch norms: (index, bns)
+    out_open_bn: list = field(default_factory=list)
 
     @property
     def kind(self) -> str:
@@ -180,6 +183,7 @@ class LayerGraph:
 
     layers: dict[str, Layer]
     mode: str
+    unreached: list[str] = field(default_factory=list)
 
     def names(self) -> list[str]:
         """Qualified names of the prunable layers in forward order."""
@@ -232,6 +236,8 @@ class _LeafTracer(fx.Tracer):
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:
+    # forward() may assign attributes (self.feat = x); tracing would leave Proxies behind
+    saved = [(m, dict(m.__dict__)) for m in model.modules()]
     try:
         graph = _LeafTracer().trace(model)
     except Exception as exc:  # any tracing failure gets the same clear message
@@ -240,6 +246,10 @@ def _trace(model: nn.Module) -> fx.GraphModule:
             "Make forward() free of data-dependent Python control flow, or pass "
             "graph='sequential' to chain the prunable layers in module order instead."
         ) from exc
+    finally:
+        for m, attrs in saved:
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
     return fx.GraphModule(model, graph)
 
 
@@ -280,7 +290,12 @@ def _propagate_shapes(
     if example_inputs is not None:
         first = _first_layer(gm, modules)
         like = first.weight if first is not None else None
-        cands = [tuple(t.to(like) if like is not None else t for t in example_inputs)]
+        cands = [
+            tuple(
+                t if like is None else t.to(like) if t.is_floating_point() else t.to(like.device)
+                for t in example_inputs
+            )
+        ]
     else:
         cands = _candidate_inputs(_first_layer(gm, modules))
     was_training = {m: m.training for m in model.modules()}
@@ -325,7 +340,9 @@ def _tensor_args(node: fx.Node) -> list[fx.Node]:
 
 
 def _tensor_users(node: fx.Node) -> list[fx.Node]:
-    return [u for u in node.users if u.op == "output" or _is_tensor(u)]
+    # keep users whose result holds tensors (tuple results such as chunk/split too): they
+    # must be followed or refused, never silently dropped
+    return [u for u in node.users if u.op == "output" or "tensor_meta" in u.meta]
 
 
 def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -344,6 +361,8 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> str:
             return "layer"
         if isinstance(mod, nn.Flatten):
             return "reshape"
+        if isinstance(mod, BATCHNORM_TYPES):
+            return "same"
         if type(mod) in _PASSTHROUGH_MODULES:
             return "same"
         return "unsupported"
@@ -402,7 +421,10 @@ def _reshape_factor(node: fx.Node, src: fx.Node, modules: dict[str, nn.Module]) 
 
 def _check_reduce(node: fx.Node, src: fx.Node, modules: dict[str, nn.Module]) -> None:
     si, so = _shape(src), _shape(node)
-    if len(si) >= 2 and len(so) >= 2 and si[:2] == so[:2]:
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dims = [] if dim is None else [dim] if isinstance(dim, int) else list(dim)
+    spatial = bool(dims) and all(isinstance(d, int) and d % len(si) >= 2 for d in dims)
+    if spatial and len(si) >= 2 and len(so) >= 2 and si[:2] == so[:2]:
         return
     raise GraphError(
         f"{_describe(node, modules)} reduces {list(si)} to {list(so)} across units; "
@@ -444,6 +466,27 @@ class _Reach:
     kind: str  # "layer" or "open"
     index: Tensor
     layer: str | None = None
+    # batch norms passed: (bn, map). Backward walk: map[u] = bn unit for the start layer's
+    # input unit u. Forward walk: map[v] = start layer's output unit carried by bn unit v.
+    bns: tuple = ()
+
+
+def _reaches_layer(node: fx.Node, modules: dict[str, nn.Module], forward: bool) -> bool:
+    """Whether a prunable layer lies downstream (``forward``) or upstream of ``node``."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if (
+            n is not node
+            and n.op == "call_module"
+            and isinstance(modules.get(n.target), PRUNABLE_TYPES)
+        ):
+            return True
+        stack.extend(n.users if forward else n.all_input_nodes)
+    return False
 
 
 def _walk_back(
@@ -452,39 +495,48 @@ def _walk_back(
     passed_add: bool,
     modules: dict[str, nn.Module],
     out: list[_Reach],
+    bns: tuple = (),
 ) -> None:
     """From ``node`` back to the nearest prunable layers; ``sel[u]`` is the unit of ``node``
     feeding the start layer's input unit ``u`` (-1: none)."""
     if node.op == "placeholder":
-        out.append(_Reach("open", sel))
+        out.append(_Reach("open", sel, None, bns))
         return
+    if node.op == "get_attr" or (
+        _classify(node, modules) == "unsupported" and not _reaches_layer(node, modules, False)
+    ):
+        if node.op != "get_attr":
+            out.append(_Reach("open", sel, None, bns))
+        return  # constants and input preprocessing: no producer (the paper's W_0)
     if node.op == "get_attr":
         raise GraphError(f"op '{node.name}' reads attribute '{node.target}' as data; unsupported.")
+    if passed_add and len(_tensor_users(node)) > 1:
+        out.append(_Reach("open", sel, None, bns))  # the skip of a residual block: identity
+        return
     kind = _classify(node, modules)
     if kind == "layer":
-        out.append(_Reach("layer", sel, node.target))
+        out.append(_Reach("layer", sel, node.target, bns))
         return
-    if passed_add and len(_tensor_users(node)) > 1:
-        out.append(_Reach("open", sel))  # the skip of a residual block: an identity path
-        return
+    if node.op == "call_module" and isinstance(modules[node.target], BATCHNORM_TYPES):
+        bns = (*bns, (modules[node.target], sel))
     args = _tensor_args(node)
     if kind == "same":
-        _walk_back(args[0], sel, passed_add, modules, out)
+        _walk_back(args[0], sel, passed_add, modules, out, bns)
     elif kind == "reduce":
         _check_reduce(node, args[0], modules)
-        _walk_back(args[0], sel, passed_add, modules, out)
+        _walk_back(args[0], sel, passed_add, modules, out, bns)
     elif kind == "reshape":
         s = _reshape_factor(node, args[0], modules)
-        _walk_back(args[0], torch.where(sel >= 0, sel // s, sel), passed_add, modules, out)
+        _walk_back(args[0], torch.where(sel >= 0, sel // s, sel), passed_add, modules, out, bns)
     elif kind == "add":
         for a in args:
-            _walk_back(a, sel, True, modules, out)
+            _walk_back(a, sel, True, modules, out, bns)
     elif kind == "cat":
         for part, offset, n in _cat_parts(node, modules):
             hit = (sel >= offset) & (sel < offset + n)
             if bool(hit.any()):
                 sub = torch.where(hit, sel - offset, torch.full_like(sel, -1))
-                _walk_back(part, sub, passed_add, modules, out)
+                _walk_back(part, sub, passed_add, modules, out, bns)
     else:
         raise _unsupported(node, modules)
 
@@ -495,6 +547,7 @@ def _walk_forward(
     passed_fork: bool,
     modules: dict[str, nn.Module],
     out: list[_Reach],
+    bns: tuple = (),
 ) -> None:
     """From ``node`` forward to the nearest prunable layers; ``src[v]`` is the start layer's
     output unit carried by unit ``v`` of ``node`` (-1: none)."""
@@ -502,28 +555,33 @@ def _walk_forward(
     passed_fork = passed_fork or len(users) > 1
     for user in users:
         if user.op == "output":
-            out.append(_Reach("open", src))
+            out.append(_Reach("open", src, None, bns))
             continue
         kind = _classify(user, modules)
         if kind == "layer":
-            out.append(_Reach("layer", src, user.target))
+            out.append(_Reach("layer", src, user.target, bns))
         elif kind in ("same", "reduce"):
             if kind == "reduce":
                 _check_reduce(user, node, modules)
-            _walk_forward(user, src, passed_fork, modules, out)
+            nb = bns
+            if user.op == "call_module" and isinstance(modules[user.target], BATCHNORM_TYPES):
+                nb = (*bns, (modules[user.target], src))
+            _walk_forward(user, src, passed_fork, modules, out, nb)
         elif kind == "reshape":
             s = _reshape_factor(user, node, modules)
-            _walk_forward(user, src.repeat_interleave(s), passed_fork, modules, out)
+            _walk_forward(user, src.repeat_interleave(s), passed_fork, modules, out, bns)
         elif kind == "add":
             if passed_fork:
-                out.append(_Reach("open", src))  # the skip of a residual block: identity
+                out.append(_Reach("open", src, None, bns))  # the skip of a residual block
             else:
-                _walk_forward(user, src, passed_fork, modules, out)
+                _walk_forward(user, src, passed_fork, modules, out, bns)
         elif kind == "cat":
             pieces = []
             for part, _, n in _cat_parts(user, modules):
                 pieces.append(src if part is node else torch.full((n,), -1, dtype=src.dtype))
-            _walk_forward(user, torch.cat(pieces), passed_fork, modules, out)
+            _walk_forward(user, torch.cat(pieces), passed_fork, modules, out, bns)
+        elif not _reaches_layer(user, modules, True):
+            out.append(_Reach("open", src, None, bns))  # post-processing of the output: W_{L+1}
         else:
             raise _unsupported(user, modules)
 
@@ -562,12 +620,7 @@ def _fx_graph(model: nn.Module, example_inputs: Sequence[Tensor] | None) -> Laye
                 )
             layers[node.target] = _new_layer(node.target, modules[node.target])
             nodes[node.target] = node
-    unreached = set(prunable_layers(model)) - set(layers)
-    if unreached:
-        raise GraphError(
-            f"prunable modules {sorted(unreached)} are never called in the traced forward(); "
-            "remove them or prune with layers=[...] naming only used layers."
-        )
+    unreached = sorted(set(prunable_layers(model)) - set(layers))
     for name, node in nodes.items():
         layer = layers[name]
         inputs = _tensor_args(node)
@@ -583,28 +636,45 @@ def _fx_graph(model: nn.Module, example_inputs: Sequence[Tensor] | None) -> Laye
         _walk_back(inputs[0], torch.arange(layer.in_units), False, modules, back)
         for r in back:
             if r.kind == "layer":
-                layer.producers.append(Link(r.layer, name, r.index))
+                layer.producers.append(Link(r.layer, name, r.index, r.bns))
+            elif r.bns:
+                layer.in_open_bn.append((r.index, r.bns))
             else:
                 layer.in_open += (r.index >= 0).float()
         fwd: list[_Reach] = []
         _walk_forward(node, torch.arange(layer.out_units), False, modules, fwd)
         for r in fwd:
             if r.kind == "layer":
-                layer.consumers.append(Link(name, r.layer, r.index))
+                layer.consumers.append(Link(name, r.layer, r.index, r.bns))
+            elif r.bns:
+                layer.out_open_bn.append((r.index, r.bns))
             else:
                 layer.out_open += _count(r.index, layer.out_units)
         layer.batchnorm = _following_batchnorm(node, modules)
-    return LayerGraph(layers, "fx")
+    return LayerGraph(layers, "fx", unreached)
 
 
 def _sequential_graph(model: nn.Module) -> LayerGraph:
-    """The official code's view: prunable layers chained in module order."""
+    """The official code's view: prunable layers chained in module order.
+
+    The batch norm of a layer is the first one after it in module order (before the next
+    prunable layer) with as many features as the layer has outputs.
+    """
     layers = {n: _new_layer(n, m) for n, m in prunable_layers(model).items()}
     names = list(layers)
     order = [n for n, _ in model.named_modules()]
     mods = dict(model.named_modules())
     for i, name in enumerate(names):
+        start = order.index(name)
+        stop = order.index(names[i + 1]) if i + 1 < len(names) else len(order)
+        for other in order[start + 1 : stop]:
+            mod = mods[other]
+            if isinstance(mod, BATCHNORM_TYPES) and mod.num_features == layers[name].out_units:
+                layers[name].batchnorm = mod
+                break
+    for i, name in enumerate(names):
         layer = layers[name]
+        own_bn = _bn_path(layer.batchnorm, torch.arange(layer.out_units))
         if i == 0:
             layer.in_open += 1
         else:
@@ -614,21 +684,21 @@ def _sequential_graph(model: nn.Module) -> LayerGraph:
                     f"graph='sequential': '{name}' has {layer.in_units} input units, not a "
                     f"multiple of the {prev.out_units} outputs of '{prev.name}'."
                 )
-            s = layer.in_units // prev.out_units
-            idx = torch.arange(layer.in_units) // s
-            link = Link(prev.name, name, idx)
-            layer.producers.append(link)
-            prev.consumers.append(link)
+            idx = torch.arange(layer.in_units) // (layer.in_units // prev.out_units)
+            # backward semantics: the bn unit feeding each input unit; forward: identity map
+            layer.producers.append(Link(prev.name, name, idx, _bn_path(prev.batchnorm, idx)))
+            prev_bn = _bn_path(prev.batchnorm, torch.arange(prev.out_units))
+            prev.consumers.append(Link(prev.name, name, idx, prev_bn))
         if i == len(names) - 1:
-            layer.out_open += 1
-        start = order.index(name)
-        stop = order.index(names[i + 1]) if i + 1 < len(names) else len(order)
-        for other in order[start + 1 : stop]:
-            mod = mods[other]
-            if isinstance(mod, BATCHNORM_TYPES) and mod.num_features == layer.out_units:
-                layer.batchnorm = mod
-                break
+            if own_bn:
+                layer.out_open_bn.append((torch.arange(layer.out_units), own_bn))
+            else:
+                layer.out_open += 1
     return LayerGraph(layers, "sequential")
+
+
+def _bn_path(bn: nn.Module | None, index: Tensor) -> tuple:
+    return () if bn is None else ((bn, index),)
 
 
 GRAPH_MODES = ("fx", "sequential")

@@ -62,8 +62,11 @@ def top_k_mask(scores: Tensor, k: int, alive: Tensor | None = None) -> Tensor:
     Ties at the threshold go to the lowest flat index, so equal inputs give equal masks. Uses a
     linear-time selection (``kthvalue``) rather than a full sort.
     """
-    flat = scores.detach().flatten().float()
+    flat = scores.detach().flatten()
+    if flat.dtype != torch.float64:
+        flat = flat.float()
     n = flat.numel()
+    alive_flat = None
     if alive is not None:
         alive_flat = alive.flatten()
         n_alive = int(torch.count_nonzero(alive_flat))
@@ -76,9 +79,13 @@ def top_k_mask(scores: Tensor, k: int, alive: Tensor | None = None) -> Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     threshold = kth_smallest(flat, n - k)
     keep = flat > threshold
+    at = flat == threshold
+    if alive_flat is not None:
+        keep &= alive_flat
+        at &= alive_flat
     missing = k - int(torch.count_nonzero(keep))
     if missing > 0:
-        ties = torch.nonzero(flat == threshold).flatten()[:missing]
+        ties = torch.nonzero(at).flatten()[:missing]
         keep[ties] = True
     return keep.view_as(scores)
 
@@ -88,7 +95,7 @@ def global_masks(
 ) -> dict[str, Tensor]:
     """Masks keeping the ``k`` highest scores over all layers together (one threshold)."""
     names = list(scores)
-    flat = torch.cat([scores[n].detach().flatten().float() for n in names])
+    flat = torch.cat([scores[n].detach().flatten() for n in names])
     alive_flat = torch.cat([alive[n].flatten() for n in names])
     keep = top_k_mask(flat, k, alive_flat)
     out, start = {}, 0

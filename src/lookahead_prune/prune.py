@@ -14,7 +14,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .graph import LayerGraph, build_graph, check_graph_mode, layers_only, prunable_layers
+from .graph import (
+    GraphError,
+    LayerGraph,
+    build_graph,
+    check_graph_mode,
+    layers_only,
+    prunable_layers,
+)
 from .masks import apply_mask, current_mask, effective_weight, global_masks, top_k_mask
 from .scores import NEIGHBOUR_METHODS, SCORES, Neighbourhood, score_function
 
@@ -155,6 +162,11 @@ def _targets(keep: Keep, names: Sequence[str], layers: Iterable[str] | None) -> 
     return dict.fromkeys(names, value)
 
 
+def _for_scoring(weight: Tensor) -> Tensor:
+    """Half-precision weights are scored in float32: bf16 has too few distinct values to rank."""
+    return weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight
+
+
 def _check_finite(weights: Mapping[str, Tensor]) -> None:
     for name, w in weights.items():
         if bool(torch.isfinite(w.sum())):  # any NaN/inf makes the sum non-finite
@@ -175,10 +187,23 @@ def _score_layers(
     bn: bool,
     generator: torch.Generator,
 ) -> dict[str, Tensor]:
+    names = list(names)
+    dead = [n for n in names if n in graph.unreached]
+    if dead:
+        raise GraphError(
+            f"prunable modules {dead} are never called in the traced forward(); "
+            "leave them out with layers=[...] or a keep dict."
+        )
     fn = score_function(method)
-    return {
-        n: fn(Neighbourhood(graph[n], weights, bn=bn, generator=generator), graph) for n in names
-    }
+    out = {}
+    for n in names:
+        out[n] = fn(Neighbourhood(graph[n], weights, bn=bn, generator=generator), graph)
+        if not bool(torch.isfinite(out[n]).all()):
+            raise ValueError(
+                f"layer '{n}' gets NaN/inf {method} scores; check the batch-norm "
+                "statistics and weights of its neighbours."
+            )
+    return out
 
 
 def _schedule(final: int, start: int, steps: int) -> list[int]:
@@ -239,15 +264,32 @@ def compute_masks(
             raise ValueError("scope='global' takes one overall keep fraction, not a dict")
         if spec.order != "base":
             raise ValueError("scope='global' prunes all layers at once; use order='base'")
-    weights = {n: effective_weight(m) for n, m in modules.items()}  # never modified in place
+    for n in targets:
+        m = modules[n]
+        if not hasattr(m, "weight_orig") and not isinstance(
+            m._parameters.get("weight"), nn.Parameter
+        ):
+            raise ValueError(
+                f"layer '{n}': weight is not a plain parameter (weight_norm or another "
+                "parametrization?); torch.nn.utils.prune cannot mask it."
+            )
+    weights = {n: _for_scoring(effective_weight(m)) for n, m in modules.items()}  # read-only
     _check_finite(weights)
     alive = {n: current_mask(modules[n]) for n in targets}
     layer_graph = _graph_for(spec.score, model, graph, example_inputs)
+    _score_layers(
+        [n for n in targets if n in layer_graph.unreached],
+        spec.score,
+        layer_graph,
+        weights,
+        bn,
+        None,
+    )  # raises if a pruned layer is never called
     generator = torch.Generator().manual_seed(seed)
     totals = {n: weights[n].numel() for n in targets}
     start = {n: int(torch.count_nonzero(alive[n])) for n in targets}
     finals = {n: round(targets[n] * totals[n]) for n in targets}
-    for n in targets:
+    for n in targets if scope == "layer" else ():
         if finals[n] > start[n]:
             warnings.warn(
                 f"layer '{n}' already keeps {start[n]} of {totals[n]} weights, fewer than the "
@@ -255,7 +297,15 @@ def compute_masks(
                 stacklevel=3,
             )
     if scope == "global":
+        if not targets:
+            return {}, spec
         total_final = round(targets[next(iter(targets))] * sum(totals.values()))
+        if total_final > sum(start.values()):
+            warnings.warn(
+                "the model already keeps fewer weights than asked for; nothing is "
+                "revived, so the layers stay as they are.",
+                stacklevel=3,
+            )
         plan = _schedule(total_final, sum(start.values()), spec.steps)
         for step, k in enumerate(plan):
             scores = _score_layers(targets, spec.score, layer_graph, weights, bn, generator)
@@ -354,7 +404,7 @@ def compute_scores(
     modules = prunable_layers(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no prunable layers (nn.Linear/Conv).")
-    weights = {n: effective_weight(m) for n, m in modules.items()}
+    weights = {n: _for_scoring(effective_weight(m)) for n, m in modules.items()}
     _check_finite(weights)
     layer_graph = _graph_for(spec.score, model, graph, example_inputs)
     generator = torch.Generator().manual_seed(seed)

@@ -56,32 +56,58 @@ class Neighbourhood:
         """The layer's current (masked) weight."""
         return self.weights[self.layer.name]
 
-    def _bn(self, layer: Layer) -> Tensor:
-        return batchnorm_scale(layer.batchnorm if self.bn else None, layer.out_units, self.weight)
+    def _scale(self, bn: nn.Module) -> Tensor:
+        return batchnorm_scale(bn if self.bn else None, bn.num_features, self.weight)
+
+    def _back_scale(self, bns: tuple, n: int) -> Tensor:
+        """Per input unit u: product of the batch-norm scales met on the path (Eq. 9's a_{i-1})."""
+        out = torch.ones(n, device=self.weight.device, dtype=self.weight.dtype)
+        for bn, sel in bns:
+            sel = sel.to(out.device)
+            hit = sel >= 0
+            out[hit] *= self._scale(bn)[sel[hit]]
+        return out
+
+    def _fwd_scale(self, bns: tuple, n: int) -> Tensor:
+        """Per output unit k: product of the batch-norm scales met on the path (Eq. 9's a_i)."""
+        out = torch.ones(n, device=self.weight.device, dtype=self.weight.dtype)
+        for bn, src in bns:
+            src = src.to(out.device)
+            hit = src >= 0
+            t = torch.ones_like(out)
+            t[src[hit]] = self._scale(bn)[hit]
+            out *= t
+        return out
 
     def input_factor(self, graph: LayerGraph) -> Tensor:
-        """Per input unit j: sqrt(Σ_producers a²‖W_prev[j,:]‖² + open paths), Eq. 9's left side."""
-        device = self.weight.device
+        """Per input unit j: sqrt(Σ_paths a²‖W_prev[j,:]‖² + open paths), Eq. 9's left side."""
+        device, n = self.weight.device, self.layer.in_units
         sq = self.layer.in_open.to(self.weight, copy=True)
         for link in self.layer.producers:
-            prod = graph[link.producer]
-            rows = row_sq_norms(self.weights[prod.name]) * self._bn(prod).square()
+            rows = row_sq_norms(self.weights[link.producer])
             idx = link.index.to(device)
             hit = idx >= 0
-            sq[hit] += rows[idx[hit]]
+            sq[hit] += rows[idx[hit]] * self._back_scale(link.bns, n)[hit].square()
+        for index, bns in self.layer.in_open_bn:
+            hit = index.to(device) >= 0
+            sq[hit] += self._back_scale(bns, n)[hit].square()
         return sq.sqrt()
 
     def output_factor(self, graph: LayerGraph) -> Tensor:
-        """Per output unit k: a_k sqrt(Σ_consumers ‖W_next[:,k]‖² + open paths), Eq. 9's right."""
-        device = self.weight.device
+        """Per output unit k: sqrt(Σ_paths a_k²‖W_next[:,k]‖² + open paths), Eq. 9's right."""
+        device, n = self.weight.device, self.layer.out_units
         sq = self.layer.out_open.to(self.weight, copy=True)
         for link in self.layer.consumers:
             cons = graph[link.consumer]
             cols = col_sq_norms(self.weights[cons.name], cons.groups)
             idx = link.index.to(device)
             hit = idx >= 0
-            sq.index_add_(0, idx[hit], cols[hit])
-        return sq.sqrt() * self._bn(self.layer)
+            part = torch.zeros_like(sq).index_add_(0, idx[hit], cols[hit])
+            sq += part * self._fwd_scale(link.bns, n).square()
+        for index, bns in self.layer.out_open_bn:
+            part = torch.bincount(index[index >= 0], minlength=n).to(sq)
+            sq += part * self._fwd_scale(bns, n).square()
+        return sq.sqrt()
 
 
 def _expand(weight: Tensor, layer: Layer, inputs: Tensor | None, outputs: Tensor | None) -> Tensor:
