@@ -367,38 +367,39 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> str:
             return "same"
         return "unsupported"
     if node.op == "call_function":
-        t = node.target
-        if t in _ADD_TARGETS:
-            return "add" if len(tensor_args) > 1 else "same"
-        if t in _SCALE_TARGETS:
-            return "same" if len(tensor_args) == 1 else "unsupported"
-        if t in _CAT_TARGETS:
-            return "cat"
-        if t in _RESHAPE_TARGETS:
-            return "reshape"
-        if t in _PASSTHROUGH_FUNCTIONS:
-            return "same"
-        if t is torch.mean or t is torch.sum or t is torch.amax:
-            return "reduce"
-        return "unsupported"
+        return _by_target(node.target, _FUNCTION_KINDS, len(tensor_args))
     if node.op == "call_method":
-        m = node.target
-        if m in _ADD_METHODS:
-            return "add" if len(tensor_args) > 1 else "same"
-        if m in _SCALE_METHODS:
-            return "same" if len(tensor_args) == 1 else "unsupported"
-        if m in _RESHAPE_METHODS:
-            return "reshape"
-        if m in _PASSTHROUGH_METHODS:
-            return "same"
-        if m in _MEAN_METHODS:
-            return "reduce"
-        return "unsupported"
+        return _by_target(node.target, _METHOD_KINDS, len(tensor_args))
     return "unsupported"
 
 
-def _unit_dim(node: fx.Node) -> int:
-    return 1 if len(_shape(node)) >= 2 else 0
+_FUNCTION_KINDS: list[tuple[set[Any], str]] = [
+    (_ADD_TARGETS, "add"),
+    (_SCALE_TARGETS, "scale"),
+    (_CAT_TARGETS, "cat"),
+    (_RESHAPE_TARGETS, "reshape"),
+    (_PASSTHROUGH_FUNCTIONS, "same"),
+    ({torch.mean, torch.sum, torch.amax}, "reduce"),
+]
+_METHOD_KINDS: list[tuple[set[Any], str]] = [
+    (_ADD_METHODS, "add"),
+    (_SCALE_METHODS, "scale"),
+    (_RESHAPE_METHODS, "reshape"),
+    (_PASSTHROUGH_METHODS, "same"),
+    (_MEAN_METHODS, "reduce"),
+]
+
+
+def _by_target(target: Any, table: list[tuple[set[Any], str]], n_tensors: int) -> str:
+    """Kind of a function or method call; add/mul with one tensor operand scale it in place."""
+    for targets, kind in table:
+        if target in targets:
+            if kind == "add":
+                return "add" if n_tensors > 1 else "same"
+            if kind == "scale":
+                return "same" if n_tensors == 1 else "unsupported"
+            return kind
+    return "unsupported"
 
 
 def _reshape_factor(node: fx.Node, src: fx.Node, modules: dict[str, nn.Module]) -> int:
