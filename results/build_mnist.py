@@ -153,6 +153,38 @@ def appendix_b(out: Path, rows: list[dict[str, Any]]) -> None:
     fig.savefig(out / "appendix_b.png", dpi=110)
 
 
+def beyond(out: Path, rows: list[dict[str, Any]]) -> None:
+    """Recipes at the sparsest level (level 10): one-shot rows of Table 1, global budgets and
+    iterative pruning, as test error after the last retraining."""
+    recipes: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r["level"] != 10:
+            continue
+        scope = r.get("scope", "layer")
+        if r["mode"] == "iterative":
+            name = f"iterative {r['method']} (levels 2,4,6,8,10; 5 retrainings)"
+        elif scope == "global":
+            name = f"global {r['method']}" + (
+                " (normalised scores)" if r["method"] != "lamp" else ""
+            )
+        elif r["method"] in ("mp", "lap", "lap-forward-seq", "lap-backward-seq"):
+            name = f"one-shot {r['method']} (Table 1 row)"
+        else:
+            continue
+        recipes[name].append(r)
+    lines = []
+    for name, runs in sorted(recipes.items(), key=lambda kv: _stats(
+            [100 * (1 - r["test_acc_retrained"]) for r in kv[1]])[0]):  # fmt: skip
+        mean, std = _stats([100 * (1 - r["test_acc_retrained"]) for r in runs])
+        keep = statistics.fmean(100 * r["keep"] for r in runs)
+        lines.append((name, f"{keep:.3f}", len(runs), f"{mean:.2f}", f"{std:.2f}"))
+    _write_csv(out / "beyond.csv", ["recipe", "keep_percent", "n_seeds", "error_mean",
+                                    "error_std"], lines)  # fmt: skip
+    md = ["| recipe | % kept | seeds | test error (%) |", "|---|---:|---:|---:|"]
+    md += [f"| {n} | {k} | {c} | {m}±{sd} |" for n, k, c, m, sd in lines]
+    (out / "beyond.md").write_text("\n".join(md) + "\n")
+
+
 def protocol_note(rows: list[dict[str, Any]]) -> str:
     """Seeds, steps, code versions and run time of a set of rows, for the README beside them."""
     seeds = sorted({r["seed"] for r in rows})
@@ -173,7 +205,8 @@ def main() -> None:
     parser.add_argument("db", nargs="?", default=str(HERE / "mnist.sqlite"))
     args = parser.parse_args()
     with RunStore(args.db) as store:
-        rows = store.runs(dataset="mnist", mode="oneshot", retrain="finetune")
+        every = store.runs(dataset="mnist", retrain="finetune")
+    rows = [r for r in every if r["mode"] == "oneshot" and r.get("scope", "layer") == "layer"]
 
     linear = _select(rows, model="linear")
     fcn = _select(rows, model="fcn")
@@ -206,6 +239,7 @@ def main() -> None:
     table1(out, table_rows)
     appendix_b(out, relu)
     (out / "protocol.txt").write_text(protocol_note(fcn))
+    beyond(out, [r for r in every if r["model"] == "fcn" and r["activation"] == "relu"])
     print(f"wrote {HERE / 'mnist-linear'} and {HERE / 'mnist-fcn'} from {args.db}")
 
 

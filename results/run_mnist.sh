@@ -20,3 +20,7 @@ $LAP sweep --model linear --methods mp,lap --levels 1-10 $COMMON
 $LAP sweep --model fcn --activation sigmoid --methods mp,lap --levels 4-10 $COMMON
 $LAP sweep --model fcn --activation tanh --methods mp,lap --levels 4-10 $COMMON
 $LAP sweep --model fcn --methods mp,lap --levels 1-3 $COMMON
+# Beyond the paper, at the sparsest level of Table 1 (level 10, 0.12% kept): global budgets and
+# iterative pruning (five prune-retrain rounds, so 5x the retraining of the one-shot rows).
+$LAP sweep --model fcn --methods lamp,lap,mp --levels 10 --scope global $COMMON
+$LAP sweep --model fcn --methods lap,lap-forward-seq --levels 2,4,6,8,10 --mode iterative $COMMON
