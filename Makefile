@@ -24,8 +24,8 @@ test: install
 	$(BIN)/python -m pytest
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks results
+	$(BIN)/ruff format --check src tests benchmarks results
 
 bench: install
 	$(BIN)/python benchmarks/prune_speed.py
