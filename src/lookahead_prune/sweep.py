@@ -248,13 +248,18 @@ def levels_from(spec: str | Sequence[int]) -> list[int]:
     if not isinstance(spec, str):
         return [int(v) for v in spec]
     levels: list[int] = []
-    for part in spec.split(","):
-        part = part.strip()
-        if "-" in part:
-            lo, hi = (int(v) for v in part.split("-", 1))
-            levels.extend(range(lo, hi + 1))
-        elif part:
-            levels.append(int(part))
+    try:
+        for part in spec.split(","):
+            part = part.strip()
+            if "-" in part:
+                lo, hi = (int(v) for v in part.split("-", 1))
+                levels.extend(range(lo, hi + 1))
+            elif part:
+                levels.append(int(part))
+    except ValueError:
+        raise ValueError(f"levels must look like '2,4' or '4-10', not {spec!r}") from None
+    if not levels:
+        raise ValueError(f"no levels in {spec!r}")
     return levels
 
 
