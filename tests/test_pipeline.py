@@ -198,3 +198,45 @@ def test_sweep_from_toml(tmp_path, capsys):
     cfg.write_text('methods = ["mp"]\nlevels = [1]\nwarmup = 3\n')
     with pytest.raises(SystemExit, match="unknown keys"):
         main(["sweep", str(cfg)])
+
+
+def test_dense_key_follows_the_rewind_step_only_when_weights_are_rewound():
+    a = _protocol(retrain="rewind-weights", rewind_step=10).dense_config()
+    b = _protocol(retrain="rewind-weights", rewind_step=5).dense_config()
+    c = _protocol(retrain="finetune", rewind_step=10).dense_config()
+    d = _protocol(retrain="finetune", rewind_step=5).dense_config()
+    assert a != b and c == d
+    assert _protocol(weight_decay=0).run_config("mp", 1) == _protocol(weight_decay=0.0).run_config(
+        "mp", 1
+    )  # 0 and 0.0 give one key
+
+
+def test_finetune_after_a_cosine_schedule_uses_the_last_positive_rate(tiny_data):
+    protocol = _protocol(schedule="cosine", retrain_steps=3)
+    dense = train_dense(protocol, tiny_data)
+    result = prune_and_retrain(protocol, dense_model(protocol, dense, tiny_data), dense,
+                               tiny_data, "mp", 1)  # fmt: skip
+    assert 0.0 <= result.test_acc_retrained <= 1.0
+
+
+def test_iterative_runs_record_the_levels_they_went_through(tmp_path):
+    db = tmp_path / "path.sqlite"
+    base = ["sweep", "--model", "fcn", "--methods", "mp,mp", "--train-steps", "20",
+            "--retrain-steps", "3", "--subset", "600", "--mode", "iterative", "--db", str(db),
+            "--quiet"]  # fmt: skip
+    assert main([*base, "--levels", "2,4"]) == 0
+    assert main([*base, "--levels", "1-4"]) == 0
+    with RunStore(db) as store:
+        paths = sorted((r["level"], tuple(r["path"])) for r in store.runs())
+    assert paths == [(1, (1,)), (2, (1, 2)), (2, (2,)), (3, (1, 2, 3)), (4, (1, 2, 3, 4)),
+                     (4, (2, 4))]  # fmt: skip
+
+
+def test_toml_sweep_errors(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('model = "fcn"\nlevels = [1]\n')
+    with pytest.raises(SystemExit, match="missing keys"):
+        main(["sweep", str(cfg)])
+    cfg.write_text('methods = "mp"\nlevels = [1]\n')
+    with pytest.raises(SystemExit, match="--train-steps"):
+        main(["sweep", str(cfg), "--train-steps", "7"])

@@ -12,15 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DATASETS, DatasetError, load_dataset
 from .models import model_names
 from .pipeline import RETRAIN_MODES, Protocol, new_model, train_dense
 from .prune import prune
 from .report import plot_accuracy, rows_to_csv, summarize, to_csv, to_markdown
 from .scores import SCORES
-from .store import RunStore, config_hash
-from .sweep import Sweep, levels_from, run_sweep
+from .store import RunStore, StoreError, config_hash
+from .sweep import Sweep, levels_from, run_config, run_sweep
 from .train import evaluate, pick_device
 
 CSV_COLUMNS = [
@@ -159,11 +159,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _keys(sweep: Sweep) -> set[str]:
     return {
-        config_hash(p.run_config(m, lv))
+        config_hash(run_config(p, m, lv, sweep.levels))
         for p in sweep.protocols()
         for m in sweep.methods
         for lv in sweep.levels
     }
+
+
+def _as_list(value: Any) -> list[Any]:
+    """A TOML value that may be a list, one scalar, or a comma-separated string."""
+    if isinstance(value, str):
+        return _split(value)
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _changed_sweep_flags(args: argparse.Namespace) -> list[str]:
+    """Sweep flags given on the command line with a non-default value."""
+    defaults = vars(build_parser().parse_args(["sweep"]))
+    ignore = {"config", "func", "command", "quiet"}
+    return [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+            if k not in ignore and defaults.get(k) != v]  # fmt: skip
 
 
 def _load_toml(path: str) -> dict[str, Any]:
@@ -183,15 +198,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             raise SystemExit(
                 f"{args.config}: unknown keys {sorted(unknown)}; known {sorted(known)}"
             )
+        missing = [k for k in ("methods", "levels") if k not in cfg]
+        if missing:
+            raise SystemExit(f"{args.config}: missing keys {missing}")
+        overridden = _changed_sweep_flags(args)
+        if overridden:
+            raise SystemExit(
+                f"lap sweep: {args.config} describes the sweep; put {overridden} in the file "
+                "instead of passing them as flags"
+            )
         proto_fields = {k: v for k, v in cfg.items() if k in {f.name for f in fields(Protocol)}}
         template = Protocol(**({"model": "fcn", "dataset": "mnist"} | proto_fields))
         sweep = Sweep(
             template,
-            cfg.get("models", [template.model]),
-            cfg.get("datasets", [template.dataset]),
-            cfg["methods"],
+            _as_list(cfg.get("models", [template.model])),
+            _as_list(cfg.get("datasets", [template.dataset])),
+            _as_list(cfg["methods"]),
             levels_from(cfg["levels"]),
-            cfg.get("seeds", [0]),
+            [int(v) for v in _as_list(cfg.get("seeds", [0]))],
         )
         db = cfg.get("db", args.db)
         data_dir, device = cfg.get("data_dir", args.data_dir), cfg.get("device", args.device)
@@ -240,14 +264,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     else:
         _print_tables(rows, args.metric)
     if args.plot:
-        plot_accuracy(rows, args.plot)
-        print(f"plot written to {args.plot}", file=sys.stderr)
+        groups = list(protocol_groups(rows).values())
+        plot = Path(args.plot)
+        for i, group in enumerate(groups):
+            path = plot if len(groups) == 1 else plot.with_name(f"{plot.stem}-{i}{plot.suffix}")
+            plot_accuracy(group, path, title=_title(group, "test accuracy"))
+            print(f"plot written to {path}", file=sys.stderr)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one dense model and save it (state dict, weights_only-safe)."""
-    data = load_dataset(args.dataset, args.data_dir, device=pick_device(args.device))
+    data = load_dataset(
+        args.dataset, args.data_dir, device=pick_device(args.device), subset=args.subset
+    )
     protocol = _protocol(args, args.model, args.dataset, args.seed)
     dense = train_dense(protocol, data, progress=True)
     save_checkpoint(args.out, asdict(dense) | {"protocol": protocol.dense_config()})
@@ -341,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, DatasetError, FileNotFoundError) as exc:
+    except (ValueError, DatasetError, FileNotFoundError, StoreError, CheckpointError) as exc:
         print(f"lap {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

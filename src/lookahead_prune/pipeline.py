@@ -54,6 +54,16 @@ class Protocol:
     scope: str = "layer"  # "global": one threshold for the level's overall keep fraction
 
     def __post_init__(self) -> None:
+        for name in ("lr", "p", "q", "weight_decay"):  # 0 and 0.0 must hash alike
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise ValueError(f"{name} must be a number, not {value!r}")
+                object.__setattr__(self, name, float(value))
+        for name in ("seed", "train_steps", "retrain_steps", "batch_size", "rewind_step"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, not {value!r}")
         if self.retrain not in RETRAIN_MODES:
             raise ValueError(f"retrain must be one of {RETRAIN_MODES}, not {self.retrain!r}")
         if self.scope not in ("layer", "global"):
@@ -83,14 +93,22 @@ class Protocol:
         """The fields that determine the dense model (its cache key)."""
         keys = ("model", "dataset", "seed", "activation", "train_steps", "batch_size",
                 "optimizer", "schedule", "weight_decay", "subset")  # fmt: skip
-        return {k: getattr(self, k) for k in keys} | {"lr": self.learning_rate}
+        return {k: getattr(self, k) for k in keys} | {
+            "lr": self.learning_rate,
+            "rewind_step": self.rewind_key,
+        }
+
+    @property
+    def rewind_key(self) -> int:
+        """The rewind step where it matters (weight rewinding), else 0, for stable keys."""
+        return self.rewind_step if self.retrain == "rewind-weights" else 0
 
     def run_config(self, method: str, level: int) -> dict[str, Any]:
         """The full configuration of one pruning run, as stored and hashed."""
         p, q = self.pq
         return (
             asdict(self)
-            | {"lr": self.learning_rate, "p": p, "q": q}
+            | {"lr": self.learning_rate, "p": p, "q": q, "rewind_step": self.rewind_key}
             | {
                 "method": method,
                 "level": level,
@@ -156,7 +174,7 @@ def train_dense(protocol: Protocol, data: ImageDataset, *, progress: bool = Fals
         data.train_x,
         data.train_y,
         protocol.train_config(protocol.train_steps),
-        checkpoints=(protocol.rewind_step,),
+        checkpoints=(protocol.rewind_key,),
         progress=progress,
     )
     test = evaluate(model, data.test_x, data.test_y)
@@ -164,7 +182,7 @@ def train_dense(protocol: Protocol, data: ImageDataset, *, progress: bool = Fals
     return DenseModel(
         state=_cpu_state(model),
         init=init,
-        rewind={k: v.cpu() for k, v in result.snapshots[protocol.rewind_step].items()},
+        rewind={k: v.cpu() for k, v in result.snapshots[protocol.rewind_key].items()},
         test_acc=test.accuracy,
         test_loss=test.loss,
         train_acc=train_metrics.accuracy,
@@ -190,7 +208,8 @@ def _retrain_setup(protocol: Protocol, model: nn.Module, dense: DenseModel) -> T
     """Reset weights as the retraining mode says and return its training configuration."""
     steps = protocol.retrain_steps
     if protocol.retrain == "finetune":
-        final_lr = lr_at(protocol.train_config(protocol.train_steps), protocol.train_steps)
+        last_update = max(protocol.train_steps - 1, 0)  # cosine is 0 after the last update
+        final_lr = lr_at(protocol.train_config(protocol.train_steps), last_update)
         return protocol.train_config(steps, lr=final_lr, schedule="constant")
     if protocol.retrain == "rewind-weights":
         load_weights_keeping_masks(model, dense.rewind)

@@ -48,6 +48,8 @@ class Sweep:
     seeds: Sequence[int]
 
     def __post_init__(self) -> None:
+        for name in ("models", "datasets", "methods", "levels", "seeds"):  # keep order, no repeats
+            object.__setattr__(self, name, list(dict.fromkeys(getattr(self, name))))
         for name in ("models", "datasets", "methods", "levels", "seeds"):
             if not getattr(self, name):
                 raise ValueError(f"a sweep needs at least one entry in {name}")
@@ -111,6 +113,20 @@ def _load_pruned(path: Path, model: nn.Module) -> nn.Module:
     return model
 
 
+def run_config(
+    protocol: Protocol, method: str, level: int, levels: Sequence[int]
+) -> dict[str, Any]:
+    """The stored configuration of one run of a sweep over ``levels``.
+
+    An iterative run's result depends on every level pruned before it, so those are part of
+    its configuration (and key): ``--levels 2,4`` and ``--levels 1-4`` never share level 4.
+    """
+    config = protocol.run_config(method, level)
+    if protocol.mode == "iterative":
+        config["path"] = [lv for lv in sorted(set(levels)) if lv <= level]
+    return config
+
+
 @dataclass
 class _Runner:
     """The state one sweep call shares across its protocols: store, progress, counters."""
@@ -122,6 +138,11 @@ class _Runner:
     version: str
     workdir: Path
     batch_models: int
+    levels: Sequence[int]
+
+    def config(self, protocol: Protocol, method: str, level: int) -> dict[str, Any]:
+        """A run's stored configuration; iterative runs also record the levels they went through."""
+        return run_config(protocol, method, level, self.levels)
 
     def record(
         self, protocol: Protocol, dense: DenseModel, job: tuple[str, int], result: LevelResult,
@@ -134,7 +155,7 @@ class _Runner:
             "dense_train_acc": dense.train_acc,
             "device": str(self.device),
         }
-        config = protocol.run_config(method, level)
+        config = self.config(protocol, method, level)
         self.store.put(config, row, wall_time=wall, code_version=self.version)
         self.stats.done += 1
         self.stats.keys.append(config_hash(config))
@@ -167,9 +188,13 @@ class _Runner:
     ) -> None:  # fmt: skip
         """Levels applied in turn; each level's model is checkpointed so a rerun continues."""
         for method in methods:
+            keys = [config_hash(self.config(protocol, method, lv)) for lv in sorted(levels)]
+            if all(self.store.has(k) for k in keys):
+                self.skip(len(keys))
+                continue
             model = dense_model(protocol, dense, data)
             for level in sorted(levels):
-                config = protocol.run_config(method, level)
+                config = self.config(protocol, method, level)
                 ckpt = self.workdir / f"iter-{config_hash(config)}.pt"
                 if self.store.has(config_hash(config)):
                     self.skip(1)
@@ -212,10 +237,14 @@ def run_sweep(
     datasets: dict[tuple[str, int | None], ImageDataset] = {}
     with RunStore(db) as store:
         bar = tqdm(total=sweep.size(), disable=not progress, desc="runs", unit="run")
-        runner = _Runner(store, bar, stats, dev, code_version(), workdir, batch_models)
+        runner = _Runner(
+            store, bar, stats, dev, code_version(), workdir, batch_models, sorted(sweep.levels)
+        )
         for protocol in sweep.protocols():
             plan = [(m, lv) for m in sweep.methods for lv in sorted(sweep.levels)]
-            todo = [job for job in plan if not store.has(config_hash(protocol.run_config(*job)))]
+            todo = [
+                job for job in plan if not store.has(config_hash(runner.config(protocol, *job)))
+            ]
             if not todo:
                 runner.skip(len(plan))
                 continue
