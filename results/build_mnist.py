@@ -30,6 +30,17 @@ TABLE1_METHODS = [
 ]  # fmt: skip
 
 
+def newest(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per run: configurations written by older code hash differently, so a rerun with
+    newer code can store a run twice; keep the latest."""
+    keys = ("model", "activation", "method", "level", "seed", "mode", "train_steps",
+            "retrain_steps")  # fmt: skip
+    latest: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for r in sorted(rows, key=lambda r: r["created_at"]):
+        latest[(*(r.get(k) for k in keys), r.get("scope", "layer"))] = dict(r)
+    return list(latest.values())
+
+
 def _select(rows: Iterable[Mapping[str, Any]], **match: Any) -> list[dict[str, Any]]:
     return [dict(r) for r in rows if all(r.get(k) == v for k, v in match.items())]
 
@@ -205,7 +216,7 @@ def main() -> None:
     parser.add_argument("db", nargs="?", default=str(HERE / "mnist.sqlite"))
     args = parser.parse_args()
     with RunStore(args.db) as store:
-        every = store.runs(dataset="mnist", retrain="finetune")
+        every = newest(store.runs(dataset="mnist", retrain="finetune"))
     rows = [r for r in every if r["mode"] == "oneshot" and r.get("scope", "layer") == "layer"]
 
     linear = _select(rows, model="linear")
