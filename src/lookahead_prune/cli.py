@@ -69,6 +69,21 @@ def _add_protocol_args(p: argparse.ArgumentParser, *, train: int, retrain: int) 
         help="global: the level's overall fraction under one threshold (normalised scores)",
     )  # fmt: skip
     g.add_argument("--subset", type=int, default=None, help="use only n training examples")
+    g.add_argument(
+        "--exclude", default="",
+        help="comma-separated layer names or globs left dense and, with --graph sequential, out "
+        "of the chain (the official code's ResNet shortcuts: '*shortcut*')",
+    )  # fmt: skip
+    g.add_argument(
+        "--eval-examples", type=int, default=None,
+        help="measure accuracy on the first n test (and training) examples (default: all)",
+    )  # fmt: skip
+    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: train under bfloat16 autocast (fast on recent GPUs)")  # fmt: skip
+    g.add_argument("--channels-last", action="store_true",
+                   help="NHWC memory layout for conv nets (cuDNN, oneDNN)")  # fmt: skip
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step, once for all levels")  # fmt: skip
     g.add_argument("--data-dir", default=None, help="dataset folder (default: $LAP_DATA or cache)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     g.add_argument(
@@ -100,6 +115,11 @@ def _protocol(args: argparse.Namespace, model: str, dataset: str, seed: int) -> 
         graph=args.graph,
         subset=args.subset,
         scope=args.scope,
+        exclude=tuple(_split(args.exclude)),
+        eval_examples=args.eval_examples,
+        precision=args.precision,
+        channels_last=args.channels_last,
+        compile=args.compile,
     )
 
 

@@ -655,13 +655,17 @@ def _fx_graph(model: nn.Module, example_inputs: Sequence[Tensor] | None) -> Laye
     return LayerGraph(layers, "fx", unreached)
 
 
-def _sequential_graph(model: nn.Module) -> LayerGraph:
+def _sequential_graph(model: nn.Module, skip: frozenset[str] = frozenset()) -> LayerGraph:
     """The official code's view: prunable layers chained in module order.
 
-    The batch norm of a layer is the first one after it in module order (before the next
-    prunable layer) with as many features as the layer has outputs.
+    Layers in ``skip`` are left out of the chain altogether, as the official code's plain
+    (unmasked) shortcut convolutions are. The batch norm of a layer is the first one after
+    it in module order (before the next chained layer) with as many features as the layer
+    has outputs.
     """
-    layers = {n: _new_layer(n, m) for n, m in prunable_layers(model).items()}
+    layers = {n: _new_layer(n, m) for n, m in prunable_layers(model).items() if n not in skip}
+    if not layers:
+        raise GraphError("graph='sequential': every prunable layer is skipped; nothing to chain.")
     names = list(layers)
     order = [n for n, _ in model.named_modules()]
     mods = dict(model.named_modules())
@@ -723,31 +727,38 @@ def layers_only(model: nn.Module) -> LayerGraph:
 _CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[Any, LayerGraph]] = weakref.WeakKeyDictionary()
 
 
-def _signature(model: nn.Module, mode: str, example_inputs: Sequence[Tensor] | None) -> Any:
+def _signature(
+    model: nn.Module, mode: str, example_inputs: Sequence[Tensor] | None, skip: frozenset[str]
+) -> Any:
     mods = tuple((n, id(m), type(m)) for n, m in model.named_modules())
     shapes = None if example_inputs is None else tuple(tuple(t.shape) for t in example_inputs)
-    return (mode, mods, shapes)
+    return (mode, mods, shapes, skip)
 
 
 def build_graph(
     model: nn.Module,
     mode: str = "fx",
     example_inputs: Sequence[Tensor] | None = None,
+    *,
+    skip: Iterable[str] = (),
 ) -> LayerGraph:
     """Trace ``model`` (``mode='fx'``) or chain its layers in module order (``'sequential'``).
 
-    The result is cached per model object until its modules change.
+    ``skip`` names layers to leave out of the sequential chain (in ``fx`` mode every layer
+    stays: a skipped layer is still a real neighbour of the others). The result is cached
+    per model object until its modules change.
     """
     check_graph_mode(mode)
     if not prunable_layers(model):
         raise ValueError(
             f"{type(model).__name__} has no prunable layers (nn.Linear, nn.Conv1d/2d/3d)."
         )
-    sig = _signature(model, mode, example_inputs)
+    skipped = frozenset(skip) if mode == "sequential" else frozenset()
+    sig = _signature(model, mode, example_inputs, skipped)
     cached = _CACHE.get(model)
     if cached is not None and cached[0] == sig:
         return cached[1]
-    graph = _fx_graph(model, example_inputs) if mode == "fx" else _sequential_graph(model)
+    graph = _fx_graph(model, example_inputs) if mode == "fx" else _sequential_graph(model, skipped)
     _CACHE[model] = (sig, graph)
     return graph
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -18,13 +18,22 @@ from torch import nn
 
 from .batched import batchable, train_batched
 from .data import ImageDataset
+from .graph import prunable_layers
 from .models import build_model, dense_layer_names
-from .prune import prune
+from .prune import excluded_layers, prune
 from .schedule import kept_fraction, level_keep, paper_pq
 from .train import TrainConfig, evaluate, lr_at, paper_lr, train
 
 RETRAIN_MODES = ("finetune", "rewind-weights", "rewind-lr", "lottery")
 PRUNE_MODES = ("oneshot", "iterative")
+PRECISIONS = ("fp32", "bf16")
+
+ADDED = {"added": True}
+"""Field metadata: added after results were first stored. Such a field enters a run's key
+only when it differs from its default, so configurations stored before it keep their keys."""
+RUNTIME = {"runtime": True}
+"""Field metadata: how the computation runs (memory layout, compilation), not what it computes;
+never part of a run's key."""
 TRAIN_EVAL_EXAMPLES = 10_000  # train accuracy (Appendix B) is measured on this many examples
 
 
@@ -52,8 +61,24 @@ class Protocol:
     graph: str = "fx"
     subset: int | None = None
     scope: str = "layer"  # "global": one threshold for the level's overall keep fraction
+    exclude: tuple[str, ...] = field(default=(), metadata=ADDED)  # layers left dense (globs)
+    eval_examples: int | None = field(default=None, metadata=ADDED)  # None: whole test set
+    precision: str = field(default="fp32", metadata=ADDED)  # "bf16": autocast in training
+    channels_last: bool = field(default=False, metadata=RUNTIME)
+    compile: bool = field(default=False, metadata=RUNTIME)
 
     def __post_init__(self) -> None:
+        if isinstance(self.exclude, str):
+            raise ValueError(f"exclude must be a list of patterns, not the string {self.exclude!r}")
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
+        if self.eval_examples is not None and (
+            isinstance(self.eval_examples, bool)
+            or not isinstance(self.eval_examples, int)
+            or self.eval_examples < 1
+        ):
+            raise ValueError(f"eval_examples must be an integer >= 1, not {self.eval_examples!r}")
         for name in ("lr", "p", "q", "weight_decay"):  # 0 and 0.0 must hash alike
             value = getattr(self, name)
             if value is not None:
@@ -89,11 +114,24 @@ class Protocol:
         p0, q0 = paper_pq(self.model)
         return (self.p if self.p is not None else p0, self.q if self.q is not None else q0)
 
+    def _key_fields(self, names: Sequence[str] | None = None) -> dict[str, Any]:
+        """Fields that identify a result: runtime ones never, added ones unless at default."""
+        out = {}
+        for f in fields(self):
+            if f.metadata.get("runtime") or (names is not None and f.name not in names):
+                continue
+            value = getattr(self, f.name)
+            if f.metadata.get("added") and value == f.default:
+                continue
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
     def dense_config(self) -> dict[str, Any]:
         """The fields that determine the dense model (its cache key)."""
         keys = ("model", "dataset", "seed", "activation", "train_steps", "batch_size",
-                "optimizer", "schedule", "weight_decay", "subset")  # fmt: skip
-        return {k: getattr(self, k) for k in keys} | {
+                "optimizer", "schedule", "weight_decay", "subset", "eval_examples",
+                "precision")  # fmt: skip
+        return self._key_fields(keys) | {
             "lr": self.learning_rate,
             "rewind_step": self.rewind_key,
         }
@@ -107,7 +145,7 @@ class Protocol:
         """The full configuration of one pruning run, as stored and hashed."""
         p, q = self.pq
         return (
-            asdict(self)
+            self._key_fields()
             | {"lr": self.learning_rate, "p": p, "q": q, "rewind_step": self.rewind_key}
             | {
                 "method": method,
@@ -125,6 +163,9 @@ class Protocol:
             weight_decay=self.weight_decay,
             schedule=schedule or self.schedule,
             seed=self.seed,
+            precision=self.precision,
+            channels_last=self.channels_last,
+            compile=self.compile,
         )
 
 
@@ -158,9 +199,16 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def _train_subset(data: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
-    n = min(TRAIN_EVAL_EXAMPLES, len(data.train_y))
+def _train_subset(protocol: Protocol, data: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training examples whose accuracy is reported (the first ones)."""
+    n = min(TRAIN_EVAL_EXAMPLES, protocol.eval_examples or TRAIN_EVAL_EXAMPLES, len(data.train_y))
     return data.train_x[:n], data.train_y[:n]
+
+
+def _test_set(protocol: Protocol, data: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test examples accuracy is measured on: all, or the first ``eval_examples``."""
+    n = protocol.eval_examples or len(data.test_y)
+    return data.test_x[:n], data.test_y[:n]
 
 
 def train_dense(protocol: Protocol, data: ImageDataset, *, progress: bool = False) -> DenseModel:
@@ -177,8 +225,8 @@ def train_dense(protocol: Protocol, data: ImageDataset, *, progress: bool = Fals
         checkpoints=(protocol.rewind_key,),
         progress=progress,
     )
-    test = evaluate(model, data.test_x, data.test_y)
-    train_metrics = evaluate(model, *_train_subset(data))
+    test = evaluate(model, *_test_set(protocol, data))
+    train_metrics = evaluate(model, *_train_subset(protocol, data))
     return DenseModel(
         state=_cpu_state(model),
         init=init,
@@ -248,7 +296,9 @@ def prune_and_retrain_many(
     reports, before, before_train = [], [], []
     configs = []
     for model, (method, level) in zip(models, jobs, strict=True):
-        dense_names = dense_layer_names(model)
+        dense_names = dense_layer_names(model) + tuple(
+            excluded_layers(prunable_layers(model), protocol.exclude)
+        )
         keep: float | dict[str, float] = level_keep(model, level, p, q, dense=dense_names)
         layers = None
         if protocol.scope == "global":  # the same overall budget, spread by one threshold
@@ -264,11 +314,12 @@ def prune_and_retrain_many(
                 layers=layers,
                 bn=protocol.bn,
                 graph=protocol.graph,
+                exclude=protocol.exclude,
                 seed=protocol.seed,
             )
         )
-        before.append(evaluate(model, data.test_x, data.test_y))
-        before_train.append(evaluate(model, *_train_subset(data)))
+        before.append(evaluate(model, *_test_set(protocol, data)))
+        before_train.append(evaluate(model, *_train_subset(protocol, data)))
         configs.append(_retrain_setup(protocol, model, dense))
     config = configs[0]
     if config.steps:
@@ -279,8 +330,8 @@ def prune_and_retrain_many(
                 train(model, data.train_x, data.train_y, config)
     results = []
     for model, report, b, bt in zip(models, reports, before, before_train, strict=True):
-        after = evaluate(model, data.test_x, data.test_y)
-        after_train = evaluate(model, *_train_subset(data))
+        after = evaluate(model, *_test_set(protocol, data))
+        after_train = evaluate(model, *_train_subset(protocol, data))
         results.append(
             LevelResult(
                 keep=report.keep,

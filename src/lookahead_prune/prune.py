@@ -6,6 +6,7 @@ model is touched, so an error leaves the model exactly as it was.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -162,6 +163,26 @@ def _targets(keep: Keep, names: Sequence[str], layers: Iterable[str] | None) -> 
     return dict.fromkeys(names, value)
 
 
+def excluded_layers(names: Iterable[str], exclude: Iterable[str]) -> frozenset[str]:
+    """The layer names matched by ``exclude`` (exact names or ``fnmatch`` patterns).
+
+    A pattern that matches no layer is an error, so a typo cannot silently prune a layer
+    that was meant to stay dense.
+    """
+    if isinstance(exclude, str):
+        exclude = [exclude]
+    names = list(names)
+    matched: set[str] = set()
+    for pattern in exclude:
+        hits = {n for n in names if fnmatch.fnmatchcase(n, pattern)}
+        if not hits:
+            raise ValueError(
+                f"exclude pattern {pattern!r} matches no prunable layer; layers are {names}"
+            )
+        matched |= hits
+    return frozenset(matched)
+
+
 def _for_scoring(weight: Tensor) -> Tensor:
     """Half-precision weights are scored in float32: bf16 has too few distinct values to rank."""
     return weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight
@@ -214,14 +235,18 @@ def _schedule(final: int, start: int, steps: int) -> list[int]:
 
 
 def _graph_for(
-    method: str, model: nn.Module, mode: str, example_inputs: Sequence[Tensor] | None
+    method: str,
+    model: nn.Module,
+    mode: str,
+    example_inputs: Sequence[Tensor] | None,
+    skip: frozenset[str] = frozenset(),
 ) -> LayerGraph:
     """The traced graph for methods that look at neighbours; bare layers for the others.
 
     MP, RP and LAMP never read a neighbour, so they skip tracing (and work on any model).
     """
     if method in NEIGHBOUR_METHODS:
-        return build_graph(model, mode, example_inputs)
+        return build_graph(model, mode, example_inputs, skip=skip)
     check_graph_mode(mode)
     return layers_only(model)
 
@@ -249,6 +274,7 @@ def compute_masks(
     graph: str = "fx",
     example_inputs: Sequence[Tensor] | None = None,
     layers: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
     seed: int = 0,
 ) -> tuple[dict[str, Tensor], MethodSpec]:
     """The masks ``prune`` would apply, without touching the model (same arguments)."""
@@ -258,7 +284,12 @@ def compute_masks(
     modules = prunable_layers(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no prunable layers (nn.Linear/Conv).")
+    skip = excluded_layers(modules, exclude)
     targets = _targets(keep, list(modules), layers)
+    asked = set(keep) if isinstance(keep, Mapping) else set(layers or ())
+    if asked & skip:
+        raise ValueError(f"layers {sorted(asked & skip)} are both excluded and asked to be pruned")
+    targets = {n: v for n, v in targets.items() if n not in skip}
     if scope == "global":
         if isinstance(keep, Mapping):
             raise ValueError("scope='global' takes one overall keep fraction, not a dict")
@@ -276,7 +307,7 @@ def compute_masks(
     weights = {n: _for_scoring(effective_weight(m)) for n, m in modules.items()}  # read-only
     _check_finite(weights)
     alive = {n: current_mask(modules[n]) for n in targets}
-    layer_graph = _graph_for(spec.score, model, graph, example_inputs)
+    layer_graph = _graph_for(spec.score, model, graph, example_inputs, skip)
     _score_layers(
         [n for n in targets if n in layer_graph.unreached],
         spec.score,
@@ -349,6 +380,7 @@ def prune(
     graph: str = "fx",
     example_inputs: Sequence[Tensor] | None = None,
     layers: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
     seed: int = 0,
 ) -> PruneReport:
     """Prune ``model`` in place so that a ``keep`` fraction of weights survives; see DESIGN.md.
@@ -358,7 +390,9 @@ def prune(
     ``method`` is ``mp``, ``rp``, ``lap``, ``lfp``, ``lbp``, ``lamp`` or a shorthand such as
     ``lap-forward-seq``; ``order``/``steps`` give LAP-forward/backward and the -seq variants.
     ``bn=False`` drops Eq. 9's batch-norm factors; ``graph='sequential'`` chains layers in
-    module order like the official code. Masks are applied with ``torch.nn.utils.prune``.
+    module order like the official code. ``exclude`` (names or glob patterns) leaves layers
+    unpruned and, with ``graph='sequential'``, out of the chain too, as the official code
+    treats ResNet shortcuts. Masks are applied with ``torch.nn.utils.prune``.
     """
     masks, spec = compute_masks(
         model,
@@ -372,6 +406,7 @@ def prune(
         graph=graph,
         example_inputs=example_inputs,
         layers=layers,
+        exclude=exclude,
         seed=seed,
     )
     modules = prunable_layers(model)
@@ -392,9 +427,13 @@ def compute_scores(
     bn: bool = True,
     graph: str = "fx",
     example_inputs: Sequence[Tensor] | None = None,
+    exclude: Iterable[str] = (),
     seed: int = 0,
 ) -> dict[str, Tensor]:
-    """Scores of every prunable layer's weights, keyed by qualified module name."""
+    """Scores of every prunable layer's weights, keyed by qualified module name.
+
+    Layers matched by ``exclude`` get no score (and leave the sequential chain).
+    """
     spec = parse_method(method)
     if spec.order != "base" or spec.steps != 1:
         raise ValueError(
@@ -404,8 +443,10 @@ def compute_scores(
     modules = prunable_layers(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no prunable layers (nn.Linear/Conv).")
+    skip = excluded_layers(modules, exclude)
     weights = {n: _for_scoring(effective_weight(m)) for n, m in modules.items()}
     _check_finite(weights)
-    layer_graph = _graph_for(spec.score, model, graph, example_inputs)
+    layer_graph = _graph_for(spec.score, model, graph, example_inputs, skip)
     generator = torch.Generator().manual_seed(seed)
-    return _score_layers(modules, spec.score, layer_graph, weights, bn, generator)
+    scored = [n for n in modules if n not in skip]
+    return _score_layers(scored, spec.score, layer_graph, weights, bn, generator)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .data import BatchStream, iterate_eval
+from .hookless import HooklessMasks, apply_masks
 
 __all__ = [
     "OPTIMIZERS",
@@ -39,6 +40,8 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("adam", "sgd")
+PRECISIONS = ("fp32", "bf16")
+"""``bf16`` runs forward and loss under bfloat16 autocast; weights and optimiser stay fp32."""
 SCHEDULES = ("constant", "cosine", "step")
 STEP_MILESTONES = (0.5, 0.75)
 """Fractions of the run after which the ``step`` schedule divides the learning rate by 10."""
@@ -88,6 +91,9 @@ class TrainConfig:
     augment: bool = False
     seed: int = 0
     eval_every: int = 0
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -105,6 +111,8 @@ class TrainConfig:
             problems.append(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.schedule not in SCHEDULES:
             problems.append(f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
         if not isinstance(self.eval_every, int) or self.eval_every < 0:
             problems.append(f"eval_every must be an integer >= 0, got {self.eval_every!r}")
         if problems:
@@ -232,8 +240,11 @@ def train(
     _check_data(x, y, device, "training")
     wanted = _checkpoint_steps(checkpoints, config.steps)
     stream = BatchStream(x, y, config.batch_size, seed=config.seed, augment=config.augment)
-    masks = _mask_pairs(model)
-    _apply_masks(masks)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    loss_of = forward_loss(config)
+    hookless = HooklessMasks(model)
+    hookless.engage()
     optimizer = _make_optimizer(model, config)
     scheduled = config.schedule != "constant"
     every = config.eval_every
@@ -251,26 +262,29 @@ def train(
                     for group in optimizer.param_groups:
                         group["lr"] = lr_at(config, step - 1)
                 xb, yb = next(stream)
-                loss = F.cross_entropy(model(xb), yb)
+                if config.channels_last and xb.ndim == 4:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                loss = loss_of(model, xb, yb)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                _apply_masks(masks)
+                apply_masks(hookless.pairs)
                 if step > tail_start:
                     tail.append(loss.detach())
                 if step in wanted:
                     snapshots[step] = _snapshot(model)
                 if callback is not None and every and step % every == 0:
+                    hookless.release()  # the callback sees a normal pruned model, may prune
                     callback(step, model)
                     model.train()
-                    masks = _mask_pairs(model)  # the callback may have pruned
-                    _apply_masks(masks)
+                    hookless.engage()  # pruning keeps each Parameter: the optimiser stays valid
                 if progress and (step % PROGRESS_EVERY == 0 or step == config.steps):
                     bar.update(step - bar.n)
                     bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        final_loss = torch.stack(tail).mean().item() if tail else math.nan
+        final_loss = torch.stack(tail).float().mean().item() if tail else math.nan
         wall_time = time.perf_counter() - start
     finally:
+        hookless.release()
         bar.close()
         _restore_modes(modes)
     return TrainResult(config.steps, final_loss, wall_time, snapshots)
@@ -350,23 +364,35 @@ def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
         return factory(params, **kwargs)
 
 
-def _mask_pairs(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
-    """``(name_orig, name_mask)`` of every ``torch.nn.utils.prune`` reparametrisation."""
-    pairs = []
-    for module in model.modules():
-        for name, mask in module.named_buffers(recurse=False):
-            if name.endswith("_mask"):
-                orig = getattr(module, name[: -len("_mask")] + "_orig", None)
-                if isinstance(orig, Tensor):
-                    pairs.append((orig, mask))
-    return pairs
+LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 
-@torch.no_grad()
-def _apply_masks(pairs: list[tuple[Tensor, Tensor]]) -> None:
-    """Zero the pruned entries of the underlying parameters (a no-op on unpruned ones)."""
-    for orig, mask in pairs:
-        orig.mul_(mask)
+def forward_loss(config: TrainConfig) -> LossFn:
+    """``loss(model, x, y)``: cross-entropy of the logits, in bf16 autocast and compiled if asked.
+
+    One compiled function serves every model of an architecture, so retraining at a new
+    sparsity level reuses the compiled graph instead of compiling again.
+    """
+    dtype = torch.bfloat16 if config.precision == "bf16" else None
+    if not config.compile:
+        return _EAGER[dtype]
+    if dtype not in _COMPILED:
+        _COMPILED[dtype] = torch.compile(_EAGER[dtype])
+    return _COMPILED[dtype]
+
+
+def _loss_fp32(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(model(x), y)
+
+
+def _loss_bf16(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        logits = model(x)
+    return F.cross_entropy(logits.float(), y)
+
+
+_EAGER: dict[torch.dtype | None, LossFn] = {None: _loss_fp32, torch.bfloat16: _loss_bf16}
+_COMPILED: dict[torch.dtype | None, LossFn] = {}
 
 
 def _snapshot(model: nn.Module) -> dict[str, Tensor]:
