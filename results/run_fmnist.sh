@@ -3,6 +3,7 @@
 # CIFAR-10, which these machines cannot get), plus the residual-aware LAP study on ResNet-18.
 # Every sweep is resumable: rerun after an interruption and it continues where it stopped.
 #   bash results/run_fmnist.sh            # CPU protocol (what results/ holds): 500 + 100 steps
+#   SEEDS=0,1 bash results/run_fmnist.sh  # more seeds (finished runs are not repeated)
 #   FULL=1 bash results/run_fmnist.sh     # the paper's step counts and levels, 5 seeds (GPU)
 # then: .venv/bin/python results/build_fmnist.py
 # Fashion-MNIST is read from $LAP_DATA/fashion-mnist (default ../shared/data), MD5-checked.
@@ -18,7 +19,7 @@ if [ "${FULL:-0}" = 1 ]; then
   # the paper's Appendix C step counts and the levels of Tables 2-6
   declare -A STEPS=([conv6]="30000 20000" [vgg11]="35000 25000" [vgg16]="50000 35000"
                     [vgg19]="60000 40000" [resnet18]="35000 25000")
-  declare -A LEVELS=([conv6]="13-19" [vgg11]="11,13,15,17,19,21,23,25"
+  declare -A LEVELS=([conv6]="12-18" [vgg11]="11,13,15,17,19,21,23,25"
                      [vgg16]="14,16,18,20,22,24,26,28" [vgg19]="13,15,17,19,21,23,25,27"
                      [resnet18]="14,17,20,23,26,29,32,35")
   SEEDS_CONV6="0,1,2,3,4"
@@ -29,8 +30,8 @@ else
                     [vgg19]="500 100" [resnet18]="500 100")
   declare -A LEVELS=([conv6]="13,16,19" [vgg11]="11,17,21,25" [vgg16]="14,20,24,28"
                      [vgg19]="13,19,23,27" [resnet18]="17,26,35")
-  COMMON="$COMMON --seeds 0"
-  SEEDS_CONV6="0,1"
+  COMMON="$COMMON --seeds ${SEEDS:-0}"
+  SEEDS_CONV6="${SEEDS:-0}"
 fi
 steps() { set -- ${STEPS[$1]}; echo "--train-steps $1 --retrain-steps $2"; }
 for model in $ONLY; do

@@ -20,7 +20,7 @@ from lookahead_prune.data import load_dataset
 from lookahead_prune.models import build_model
 from lookahead_prune.pipeline import Protocol, dense_model, prune_and_retrain, train_dense
 from lookahead_prune.schedule import level_keep, overall_keep
-from lookahead_prune.store import RunStore
+from lookahead_prune.store import RunStore, config_hash
 
 TABLE1 = [6.36, 3.21, 1.63, 0.84, 0.43, 0.23, 0.12]  # FCN, levels 4..10
 TABLE2 = [10.62, 8.86, 7.39, 6.18, 5.17, 4.32, 3.62]  # Conv-6 on CIFAR-10, levels 12..18
@@ -240,3 +240,36 @@ def test_toml_sweep_errors(tmp_path):
     cfg.write_text('methods = "mp"\nlevels = [1]\n')
     with pytest.raises(SystemExit, match="--train-steps"):
         main(["sweep", str(cfg), "--train-steps", "7"])
+
+
+def test_fields_added_later_keep_old_keys_and_runtime_fields_never_enter_them():
+    base = Protocol(model="fcn", dataset="mnist")
+    config = base.run_config("lap", 4)
+    # keys of results stored before exclude/eval_examples/precision existed (commit 5f726e4)
+    assert config_hash(config) == "5d04fff4ff7371ff"
+    assert config_hash(base.dense_config()) == "9d1e1ec8fbf0dc22"
+    assert not {"exclude", "eval_examples", "precision", "channels_last", "compile"} & set(config)
+    fast = Protocol(model="fcn", dataset="mnist", channels_last=True, compile=True)
+    assert fast.run_config("lap", 4) == config and fast.dense_config() == base.dense_config()
+    for change in ({"exclude": ["fc3"]}, {"eval_examples": 100}, {"precision": "bf16"}):
+        other = Protocol(model="fcn", dataset="mnist", **change)
+        assert config_hash(other.run_config("lap", 4)) != config_hash(config), change
+    assert Protocol(model="fcn", dataset="mnist", exclude=["a", "b"]).exclude == ("a", "b")
+    with pytest.raises(ValueError, match="precision"):
+        Protocol(model="fcn", dataset="mnist", precision="fp8")
+    with pytest.raises(ValueError, match="eval_examples"):
+        Protocol(model="fcn", dataset="mnist", eval_examples=0)
+    with pytest.raises(ValueError, match="list of patterns"):
+        Protocol(model="fcn", dataset="mnist", exclude="*shortcut*")
+
+
+def test_eval_examples_limits_what_accuracy_is_measured_on(tiny_data, monkeypatch):
+    import lookahead_prune.pipeline as pipeline
+
+    sizes = []
+    real = pipeline.evaluate
+    monkeypatch.setattr(pipeline, "evaluate", lambda m, x, y: sizes.append(len(y)) or real(m, x, y))
+    protocol = _protocol(eval_examples=50, train_steps=5, retrain_steps=2, rewind_step=0)
+    dense = train_dense(protocol, tiny_data)
+    prune_and_retrain(protocol, dense_model(protocol, dense, tiny_data), dense, tiny_data, "mp", 2)
+    assert sizes == [50] * 6
