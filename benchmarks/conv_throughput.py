@@ -12,8 +12,9 @@ that retraining uses, at the paper's batch size 60 with Adam. Each row is
 - ``compiled bf16 channels_last``: all three (the GPU configuration of ``FULL=1`` runs).
 
 Every row runs on the CPU and, when there is one, on the GPU; compilation and warm-up happen
-in an untimed first call, then ``--steps`` steps are timed (repeated ``--repeats`` times,
-median). The device and torch version are printed with the table.
+in an untimed first call, then ``--steps`` steps are timed ``--repeats`` times with the rows
+interleaved, and the median is reported. The device and torch version are printed with the
+table. Fashion-MNIST is read from ``$LAP_DATA`` (random data of its shape if missing).
 
     python benchmarks/conv_throughput.py                  # 20 timed steps x 3 repeats
     python benchmarks/conv_throughput.py --quick          # 3 steps, 1 repeat, Conv-6 only
@@ -58,18 +59,22 @@ def fashion_mnist(device: torch.device) -> tuple[Tensor, Tensor, str]:
 
 
 def images_per_second(
-    model_name: str, config: TrainConfig, x: Tensor, y: Tensor, repeats: int
-) -> float:
-    """Median images/s of ``repeats`` timed calls of ``train`` after one untimed warm-up call."""
-    model = build_model(model_name, seed=0)
-    lp.prune(model, "lap", 0.1)
-    model.to(x.device)
-    train(model, x, y, replace(config, steps=max(3, config.steps // 4)))  # compile, warm up
-    rates = []
+    model_name: str, configs: dict[str, TrainConfig], x: Tensor, y: Tensor, repeats: int
+) -> dict[str, float]:
+    """Median images/s per row, rows interleaved within each repeat (so load from other
+    processes hits them alike), after one untimed warm-up call per row (compilation)."""
+    models = {}
+    for row, config in configs.items():
+        model = build_model(model_name, seed=0)
+        lp.prune(model, "lap", 0.1)
+        models[row] = model.to(x.device)
+        train(model, x, y, replace(config, steps=max(3, config.steps // 4)))
+    rates: dict[str, list[float]] = {row: [] for row in configs}
     for _ in range(repeats):
-        result = train(model, x, y, config)
-        rates.append(config.steps * config.batch_size / result.wall_time)
-    return statistics.median(rates)
+        for row, config in configs.items():
+            result = train(models[row], x, y, config)
+            rates[row].append(config.steps * config.batch_size / result.wall_time)
+    return {row: statistics.median(r) for row, r in rates.items()}
 
 
 def main() -> None:
@@ -98,11 +103,13 @@ def main() -> None:
         label = torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()})"
         x, y, source = fashion_mnist(device)
         for model_name in args.models.split(","):
-            base = None
-            for row in rows:
-                config = TrainConfig(steps=args.steps, lr=3e-4, batch_size=BATCH, **ROWS[row])
-                rate = images_per_second(model_name, config, x, y, args.repeats)
-                base = base or rate
+            configs = {
+                row: TrainConfig(steps=args.steps, lr=3e-4, batch_size=BATCH, **ROWS[row])
+                for row in rows
+            }
+            rates = images_per_second(model_name, configs, x, y, args.repeats)
+            base = rates[rows[0]]
+            for row, rate in rates.items():
                 print(f"| {label} | {model_name} | {row} | {rate:.0f} | {rate / base:.2f}x |",
                       flush=True)  # fmt: skip
         print(f"\n(data: {source} on {device_name})")

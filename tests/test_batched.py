@@ -63,3 +63,16 @@ def test_batched_refuses_batchnorm_and_mismatched_models():
         train_batched(mixed, x, y, TrainConfig(steps=1, lr=1e-3))
     with pytest.raises(ValueError, match="seeds"):
         train_batched(_pruned_copies(), x, y, TrainConfig(steps=1, lr=1e-3), seeds=[0])
+
+
+def test_batched_bf16_autocasts_like_train():
+    x, y = _data()
+    sgd = {"steps": 3, "lr": 0.05, "optimizer": "sgd", "precision": "bf16"}
+    separate, batched, fp32 = _pruned_copies(), _pruned_copies(), _pruned_copies()
+    for model in separate:
+        train(model, x, y, TrainConfig(**sgd))
+    train_batched(batched, x, y, TrainConfig(**sgd))
+    train_batched(fp32, x, y, TrainConfig(**(sgd | {"precision": "fp32"})))
+    for a, b, c in zip(separate, batched, fp32, strict=True):
+        # batched bf16 is train()'s bf16 (up to summation order), not fp32
+        assert _max_diff(a, b) < _max_diff(b, c)

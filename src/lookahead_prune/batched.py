@@ -76,7 +76,9 @@ def train_batched(
 
     ``seeds`` defaults to ``config.seed`` for every model. Masks stay applied (the masked
     entries of ``weight_orig`` are reset to 0 after each update, as :func:`train` does).
-    Results match separate runs up to floating-point summation order.
+    Results match separate runs up to floating-point summation order. ``precision='bf16'``
+    autocasts as :func:`train` does; ``channels_last`` and ``compile`` do not apply here (the
+    stacked weights have an extra model dimension), so this loop always runs eager.
     """
     _check_models(models)
     seeds = list(seeds) if seeds is not None else [config.seed] * len(models)
@@ -96,8 +98,12 @@ def train_batched(
     which = torch.tensor([unique.index(s) for s in seeds], device=x.device)
     shared = len(unique) == 1
 
+    bf16 = config.precision == "bf16"
+
     def loss_one(p: dict[str, Tensor], b: dict[str, Tensor], xb: Tensor, yb: Tensor) -> Tensor:
-        return F.cross_entropy(functional_call(base, (p, b), (xb,)), yb)
+        with torch.autocast(xb.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = functional_call(base, (p, b), (xb,))
+        return F.cross_entropy(logits.float(), yb)
 
     batched_loss = vmap(loss_one, in_dims=(0, 0, None if shared else 0, None if shared else 0))
     optimizer = _optimizer(list(params.values()), config)

@@ -1,0 +1,167 @@
+"""Build the Fashion-MNIST result files (Tables 2-6 and the residual study) from a database.
+
+    python results/build_fmnist.py [results/fmnist.sqlite]
+
+Reads the runs that ``results/run_fmnist.sh`` stored and writes, per model, under
+``results/fmnist-<model>/``: ``table.md`` and ``table.csv`` (test error after retraining, the
+paper's layout: mean±std and relative change vs MP), ``before_retrain.md`` (error right after
+pruning), ``accuracy.png`` (both, against % of weights remaining) and ``protocol.txt``. For
+ResNet-18 it also writes ``residual.md``/``residual.csv``: module-order vs graph-aware LAP vs MP
+(docs/residual-lap.md). Nothing here trains or prunes: every number comes from the database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from build_mnist import _stats, _write_csv, plot_panels, protocol_note
+
+from lookahead_prune.report import summarize, to_markdown
+from lookahead_prune.store import RunStore
+
+HERE = Path(__file__).resolve().parent
+TABLE_METHODS = {
+    "conv6": ["mp", "rp", "lfp", "lbp", "lap", "lap-forward", "lap-backward", "lap-forward-seq",
+              "lap-backward-seq"],
+    "vgg11": ["mp", "lap", "lap-forward"],
+    "vgg16": ["mp", "lap", "lap-forward"],
+    "vgg19": ["mp", "lap", "lap-forward"],
+    "resnet18": ["mp", "lap", "lap-forward"],
+}  # fmt: skip
+PAPER_TABLE = {"conv6": 2, "vgg11": 3, "vgg16": 4, "vgg19": 5, "resnet18": 6}
+RESIDUAL_VARIANTS = [
+    # (label, method, graph, shortcuts excluded)
+    ("MP, shortcuts pruned", "mp", "fx", False),
+    ("(b) LAP, traced graph, shortcuts pruned", "lap", "fx", False),
+    ("LAP-forward, traced graph, shortcuts pruned", "lap-forward", "fx", False),
+    ("MP, shortcuts dense", "mp", "fx", True),
+    ("(a) LAP, module order, shortcuts dense (official code)", "lap", "sequential", True),
+    ("LAP, traced graph, shortcuts dense", "lap", "fx", True),
+]
+
+
+def newest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per run (the latest, should a configuration have been stored twice)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for r in sorted(rows, key=lambda r: r["created_at"]):
+        latest[r["key"]] = r
+    return list(latest.values())
+
+
+def _variant(rows: list[dict[str, Any]], graph: str, excluded: bool) -> list[dict[str, Any]]:
+    return [r for r in rows if r["graph"] == graph and bool(r.get("exclude")) == excluded]
+
+
+def _error(r: dict[str, Any], metric: str = "test_acc_retrained") -> float:
+    return 100 * (1 - r[metric])
+
+
+def model_tables(out: Path, model: str, rows: list[dict[str, Any]]) -> None:
+    """The paper-shaped table (after and before retraining), its CSV and the accuracy plot."""
+    methods = [m for m in TABLE_METHODS[model] if any(r["method"] == m for r in rows)]
+    dense = statistics.fmean(_error(r, "dense_test_acc") for r in rows)
+    title = (
+        f"Table {PAPER_TABLE[model]} on Fashion-MNIST: {model}, test error (%) after "
+        f"retraining; dense model {dense:.2f}%"
+    )
+    after = summarize(rows, metric="test_acc_retrained")
+    before = summarize(rows, metric="test_acc_pruned")
+    (out / "table.md").write_text(to_markdown(after, title=title, methods=methods))
+    title = f"{model} on Fashion-MNIST: test error (%) right after pruning, before retraining"
+    (out / "before_retrain.md").write_text(to_markdown(before, title=title, methods=methods))
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[(r["method"], round(100 * r["keep"], 2))].append(r)
+    lines = []
+    for method in methods:
+        for keep in sorted({k for m, k in groups if m == method}, reverse=True):
+            runs = groups[(method, keep)]
+            mean, std = _stats([_error(r) for r in runs])
+            pmean, pstd = _stats([_error(r, "test_acc_pruned") for r in runs])
+            lines.append((method, f"{keep:.2f}", runs[0]["level"], len(runs), f"{mean:.2f}",
+                          f"{std:.2f}", f"{pmean:.2f}", f"{pstd:.2f}"))  # fmt: skip
+    header = ["method", "keep_percent", "level", "n_seeds", "error_mean", "error_std",
+              "error_pruned_mean", "error_pruned_std"]  # fmt: skip
+    _write_csv(out / "table.csv", header, lines)
+    panels = [
+        ("before retraining", rows, "test_acc_pruned"),
+        ("after retraining", rows, "test_acc_retrained"),
+    ]
+    plot_panels(out / "accuracy.png", panels)
+
+
+def residual_table(out: Path, rows: list[dict[str, Any]]) -> None:
+    """ResNet-18: module-order vs graph-aware LAP vs MP, per level, with shortcuts pruned or
+    not; relative change vs the MP row under the same shortcut rule."""
+    cells: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for label, method, graph, excluded in RESIDUAL_VARIANTS:
+        for r in _variant(rows, graph, excluded):
+            if r["method"] == method:
+                cells[(label, r["level"])].append(r)
+    levels = sorted({lv for _, lv in cells})
+    md = ["| variant | " + " | ".join(f"level {lv}" for lv in levels) + " |",
+          "|---|" + "---:|" * len(levels)]  # fmt: skip
+    lines = []
+    for label, method, _, excluded in RESIDUAL_VARIANTS:
+        base = "MP, shortcuts dense" if excluded else "MP, shortcuts pruned"
+        row = [label]
+        for lv in levels:
+            runs = cells.get((label, lv))
+            if not runs:
+                row.append("—")
+                continue
+            mean, std = _stats([_error(r) for r in runs])
+            pmean, _ = _stats([_error(r, "test_acc_pruned") for r in runs])
+            keep = 100 * runs[0]["keep"]
+            text = f"{mean:.2f}±{std:.2f}"
+            if method != "mp" and cells.get((base, lv)):
+                ref = _stats([_error(r) for r in cells[(base, lv)]])[0]
+                text += f" ({(mean - ref) / ref * 100:+.1f}%)"
+            row.append(f"{text}<br>pruned: {pmean:.1f}; kept {keep:.2f}%")
+            lines.append((label, lv, f"{keep:.3f}", len(runs), f"{mean:.2f}", f"{std:.2f}",
+                          f"{pmean:.2f}"))  # fmt: skip
+        md.append("| " + " | ".join(row) + " |")
+    seeds = sorted({r["seed"] for r in rows})
+    md += [
+        "",
+        "Test error (%) after retraining, mean±std over seeds "
+        f"{seeds}; in brackets the relative change vs MP under the same shortcut rule; then "
+        "the error right after pruning and the overall % of weights kept. Definitions: "
+        "docs/residual-lap.md.",
+    ]
+    (out / "residual.md").write_text("\n".join(md) + "\n")
+    header = ["variant", "level", "keep_percent", "n_seeds", "error_mean", "error_std",
+              "error_pruned_mean"]  # fmt: skip
+    _write_csv(out / "residual.csv", header, lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("db", nargs="?", default=str(HERE / "fmnist.sqlite"))
+    args = parser.parse_args()
+    with RunStore(args.db) as store:
+        every = newest(store.runs(dataset="fashion-mnist"))
+    if not every:
+        raise SystemExit(f"{args.db} holds no Fashion-MNIST runs; run results/run_fmnist.sh")
+    for model in TABLE_METHODS:
+        rows = [r for r in every if r["model"] == model]
+        if not rows:
+            continue
+        out = HERE / f"fmnist-{model}"
+        out.mkdir(exist_ok=True)
+        table_rows = _variant(rows, "fx", False)
+        model_tables(out, model, table_rows)
+        note = protocol_note(table_rows)
+        if model == "resnet18":
+            residual_table(out, rows)
+            note += "residual study (all variants):\n" + protocol_note(rows)
+        (out / "protocol.txt").write_text(note)
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
