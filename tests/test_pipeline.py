@@ -273,3 +273,19 @@ def test_eval_examples_limits_what_accuracy_is_measured_on(tiny_data, monkeypatc
     dense = train_dense(protocol, tiny_data)
     prune_and_retrain(protocol, dense_model(protocol, dense, tiny_data), dense, tiny_data, "mp", 2)
     assert sizes == [50] * 6
+
+
+def test_sweep_cli_speed_and_exclude_flags(tmp_path, capsys):
+    db = tmp_path / "r.sqlite"
+    args = ["sweep", "--model", "fcn", "--dataset", "mnist", "--methods", "lap", "--levels", "3",
+            "--train-steps", "10", "--retrain-steps", "5", "--subset", "600", "--db", str(db),
+            "--quiet", "--exclude", "fc1", "--eval-examples", "200", "--precision", "bf16",
+            "--channels-last", "--compile"]  # fmt: skip
+    assert main(args[:-1]) == 0  # eager
+    assert main(args) == 0  # --compile only changes how it runs: the run is already stored
+    assert "0 runs done, 1 already stored" in capsys.readouterr().out
+    with RunStore(db) as store:
+        (row,) = store.runs()
+    assert row["exclude"] == ["fc1"] and row["eval_examples"] == 200
+    assert row["precision"] == "bf16" and "compile" not in row
+    assert row["keep_layers"]["fc1"] == 1.0 and row["keep_layers"]["fc2"] < 0.2

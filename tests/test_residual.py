@@ -91,3 +91,23 @@ def test_protocol_exclude_keeps_the_schedule_off_those_layers():
     assert all(result.keep_layers[n] == 1.0 for n in SHORTCUTS)
     assert result.keep_layers["conv1"] == 1.0  # the paper keeps ResNet-18's first conv dense
     assert result.keep_layers["layer1.0.conv1"] < 0.25
+
+
+@pytest.mark.parametrize("name", ["conv6", "vgg11", "vgg16", "vgg19", "resnet18"])
+def test_each_conv_model_trains_prunes_and_retrains_a_few_steps(name):
+    data = load_dataset("mnist", subset=48)
+    protocol = Protocol(
+        model=name, dataset="mnist", train_steps=2, retrain_steps=2, batch_size=8,
+        eval_examples=16, channels_last=True,
+    )  # fmt: skip
+    dense = train_dense(protocol, data)
+    model = dense_model(protocol, dense, data)
+    result = prune_and_retrain(protocol, model, dense, data, "lap-forward", 8)
+    assert 0.0 <= result.test_acc_retrained <= 1.0
+    assert result.keep < 0.5
+    pruned = [m for m in model.modules() if hasattr(m, "weight_mask")]
+    assert pruned and all(
+        torch.equal(m.weight, m.weight_orig * m.weight_mask)
+        and not (m.weight[m.weight_mask == 0]).any()
+        for m in pruned
+    )
