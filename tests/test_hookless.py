@@ -85,3 +85,45 @@ def test_state_dict_inside_is_the_pruned_state_dict():
     keys = list(model.state_dict())
     with HooklessMasks(model):
         assert list(model.state_dict()) == keys
+
+
+def test_a_failing_train_call_puts_the_hooks_back():
+    model = _pruned_mlp()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x, y = _data()
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train(model, x, y, TrainConfig(steps=2, lr=1e-2, batch_size=12))
+    layer = model[0]
+    assert layer.weight is not layer.weight_orig
+    assert any(
+        isinstance(h, torch_prune.BasePruningMethod) for h in layer._forward_pre_hooks.values()
+    )
+
+
+def test_masked_entries_leave_no_optimiser_state_or_gradient():
+    """Regrowing a mask mid-training meets zero moments, as training through the hooks does."""
+    x, y = _data()
+    config = TrainConfig(steps=20, lr=1e-2, batch_size=12, eval_every=10)
+
+    def regrow(step: int, net: nn.Module) -> None:
+        if step == 10:
+            net[0].weight_mask.fill_(1.0)
+
+    ours = _pruned_mlp()
+    train(ours, x, y, config, callback=regrow)
+    reference = _pruned_mlp()  # the same run through the hooks, by hand
+    stream = BatchStream(x, y, config.batch_size, seed=config.seed)
+    opt = _make_optimizer(reference, config)
+    for step in range(1, config.steps + 1):
+        xb, yb = next(stream)
+        loss = F.cross_entropy(reference(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        apply_masks(mask_pairs(reference))
+        regrow(step, reference)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, ours.state_dict()[key]), key
+    layer = ours[2]
+    assert not layer.weight_orig.grad[layer.weight_mask == 0].any()

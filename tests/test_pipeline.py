@@ -289,3 +289,12 @@ def test_sweep_cli_speed_and_exclude_flags(tmp_path, capsys):
     assert row["exclude"] == ["fc1"] and row["eval_examples"] == 200
     assert row["precision"] == "bf16" and "compile" not in row
     assert row["keep_layers"]["fc1"] == 1.0 and row["keep_layers"]["fc2"] < 0.2
+
+
+def test_sweep_refuses_an_exclude_pattern_before_training():
+    from lookahead_prune.sweep import Sweep
+
+    protocol = Protocol(model="fcn", dataset="mnist", exclude=("*shortcut*",))
+    with pytest.raises(ValueError, match="matches no prunable layer"):
+        Sweep(protocol, ["resnet18", "conv6"], ["mnist"], ["lap"], [3], [0])
+    assert Protocol(model="fcn", dataset="mnist", exclude=("b", "a", "b")).exclude == ("a", "b")

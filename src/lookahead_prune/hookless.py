@@ -64,6 +64,13 @@ class HooklessMasks:
             return
         self.pairs = mask_pairs(self.model)
         apply_masks(self.pairs)
+        try:
+            self._engage()
+        except BaseException:
+            self.release()
+            raise
+
+    def _engage(self) -> None:
         for module in self.model.modules():
             hooks = module._forward_pre_hooks
             keys = [k for k, h in hooks.items() if isinstance(h, torch_prune.BasePruningMethod)]

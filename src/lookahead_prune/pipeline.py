@@ -70,7 +70,7 @@ class Protocol:
     def __post_init__(self) -> None:
         if isinstance(self.exclude, str):
             raise ValueError(f"exclude must be a list of patterns, not the string {self.exclude!r}")
-        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "exclude", tuple(sorted(set(self.exclude))))  # order-free key
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
         if self.eval_examples is not None and (

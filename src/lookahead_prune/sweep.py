@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import ImageDataset, load_dataset
+from .graph import prunable_layers
+from .models import build_model
 from .pipeline import (
     DenseModel,
     LevelResult,
@@ -31,7 +33,7 @@ from .pipeline import (
     prune_and_retrain_many,
     train_dense,
 )
-from .prune import parse_method
+from .prune import excluded_layers, parse_method
 from .store import RunStore, code_version, config_hash
 from .train import pick_device
 
@@ -55,6 +57,8 @@ class Sweep:
                 raise ValueError(f"a sweep needs at least one entry in {name}")
         for method in self.methods:
             parse_method(method)  # fail before any training on an unknown method
+        for model in self.models if self.protocol.exclude else ():  # and on a mistyped pattern
+            excluded_layers(prunable_layers(build_model(model)), self.protocol.exclude)
         if any(isinstance(lv, bool) or not isinstance(lv, int) or lv < 0 for lv in self.levels):
             raise ValueError(f"levels must be non-negative integers, got {list(self.levels)}")
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .data import BatchStream, iterate_eval
-from .hookless import HooklessMasks, apply_masks
+from .hookless import HooklessMasks, apply_masks, mask_pairs
 
 __all__ = [
     "OPTIMIZERS",
@@ -228,10 +228,11 @@ def train(
 ) -> TrainResult:
     """Train ``model`` in place for ``config.steps`` minibatch updates of cross-entropy.
 
-    ``x``, ``y`` must already sit on the model's device. Pruning masks stay applied:
-    their gradients are exact zeros (autograd multiplies by the mask) and after every
-    update the masked entries of each ``*_orig`` parameter are reset to 0, so neither
-    momentum nor weight decay can revive a pruned weight. ``callback(step,
+    ``x``, ``y`` must already sit on the model's device. Pruning masks stay applied: the
+    pruning hooks are taken off for the run (:mod:`lookahead_prune.hookless`), each layer
+    reads its ``*_orig`` parameter, whose masked entries are reset to 0 after every update,
+    so neither momentum nor weight decay can revive a pruned weight; the kept weights get
+    bit-identical updates to training through the hooks. ``callback(step,
     model)`` runs every ``config.eval_every`` steps (never when it is 0), and may even
     prune. On CPU the same seed gives bit-identical weights. Module train/eval modes
     are restored on return.
@@ -242,19 +243,19 @@ def train(
     stream = BatchStream(x, y, config.batch_size, seed=config.seed, augment=config.augment)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
-    loss_of = forward_loss(config)
+    loss_of = forward_loss(config, model)
     hookless = HooklessMasks(model)
-    hookless.engage()
-    optimizer = _make_optimizer(model, config)
     scheduled = config.schedule != "constant"
     every = config.eval_every
     tail_start = config.steps - min(LOSS_WINDOW, config.steps)
     tail: list[Tensor] = []
-    snapshots = {0: _snapshot(model)} if 0 in wanted else {}
     modes = _module_modes(model)
     bar = tqdm(total=config.steps, desc="train", unit="step", disable=not progress, leave=False)
-    start = time.perf_counter()
     try:
+        hookless.engage()
+        optimizer = _make_optimizer(model, config)
+        snapshots = {0: _snapshot(model)} if 0 in wanted else {}
+        start = time.perf_counter()
         with _seeded_rng(device, config.seed):
             model.train()
             for step in range(1, config.steps + 1):
@@ -274,6 +275,7 @@ def train(
                 if step in wanted:
                     snapshots[step] = _snapshot(model)
                 if callback is not None and every and step % every == 0:
+                    _clear_masked_state(optimizer, hookless.pairs)  # as hooked training has it
                     hookless.release()  # the callback sees a normal pruned model, may prune
                     callback(step, model)
                     model.train()
@@ -283,6 +285,7 @@ def train(
                     bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         final_loss = torch.stack(tail).float().mean().item() if tail else math.nan
         wall_time = time.perf_counter() - start
+        _clear_masked_state(optimizer, hookless.pairs, grads=True)
     finally:
         hookless.release()
         bar.close()
@@ -367,7 +370,7 @@ def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 
-def forward_loss(config: TrainConfig) -> LossFn:
+def forward_loss(config: TrainConfig, model: nn.Module | None = None) -> LossFn:
     """``loss(model, x, y)``: cross-entropy of the logits, in bf16 autocast and compiled if asked.
 
     One compiled function serves every model of an architecture, so retraining at a new
@@ -376,9 +379,14 @@ def forward_loss(config: TrainConfig) -> LossFn:
     dtype = torch.bfloat16 if config.precision == "bf16" else None
     if not config.compile:
         return _EAGER[dtype]
-    if dtype not in _COMPILED:
-        _COMPILED[dtype] = torch.compile(_EAGER[dtype])
-    return _COMPILED[dtype]
+    if model is None:
+        raise ValueError("forward_loss(config, model) needs the model when config.compile")
+    # one compiled function per variant, so that many architectures in one sweep never
+    # exhaust dynamo's per-function recompile limit (8) and fall back to eager
+    key = (dtype, type(model), config.channels_last, bool(mask_pairs(model)))
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(_EAGER[dtype])
+    return _COMPILED[key]
 
 
 def _loss_fp32(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -392,7 +400,7 @@ def _loss_bf16(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 
 
 _EAGER: dict[torch.dtype | None, LossFn] = {None: _loss_fp32, torch.bfloat16: _loss_bf16}
-_COMPILED: dict[torch.dtype | None, LossFn] = {}
+_COMPILED: dict[tuple[Any, ...], LossFn] = {}
 
 
 def _snapshot(model: nn.Module) -> dict[str, Tensor]:
@@ -422,3 +430,20 @@ def _seeded_rng(device: torch.device, seed: int) -> Iterator[None]:
             with torch.cuda.device(index):
                 torch.cuda.manual_seed(seed)
         yield
+
+
+@torch.no_grad()
+def _clear_masked_state(
+    optimizer: torch.optim.Optimizer, pairs: list[tuple[Tensor, Tensor]], *, grads: bool = False
+) -> None:
+    """Zero the optimiser moments (and, with ``grads``, the gradients) of masked entries.
+
+    Training through the pruning hooks leaves them exact zeros; hook-free training lets them
+    fill, which matters only if a callback later unmasks weights or someone reads ``.grad``.
+    """
+    for orig, mask in pairs:
+        for value in optimizer.state.get(orig, {}).values():
+            if isinstance(value, Tensor) and value.shape == orig.shape:
+                value.mul_(mask)
+        if grads and orig.grad is not None:
+            orig.grad.mul_(mask)
