@@ -3,11 +3,12 @@
     python results/build_fmnist.py [results/fmnist.sqlite]
 
 Reads the runs that ``results/run_fmnist.sh`` stored and writes, per model, under
-``results/fmnist-<model>/``: ``table.md`` and ``table.csv`` (test error after retraining, the
-paper's layout: mean±std and relative change vs MP), ``before_retrain.md`` (error right after
-pruning), ``accuracy.png`` (both, against % of weights remaining) and ``protocol.txt``. For
-ResNet-18 it also writes ``residual.md``/``residual.csv``: module-order vs graph-aware LAP vs MP
-(docs/residual-lap.md). Nothing here trains or prunes: every number comes from the database.
+``results/<db name>-<model>/`` (``fmnist-vgg16/``; ``fmnist-full-vgg16/`` from the full run):
+``table.md`` and ``table.csv`` (test error after retraining, the paper's layout: mean±std and
+relative change vs MP), ``before_retrain.md`` (error right after pruning), ``accuracy.png``
+(both, against % of weights remaining) and ``protocol.txt``. For ResNet-18 it also writes
+``residual.md``/``residual.csv``: module-order vs graph-aware LAP vs MP (docs/residual-lap.md).
+Nothing here trains or prunes: every number comes from the database.
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ def main() -> None:
         rows = [r for r in every if r["model"] == model]
         if not rows:
             continue
-        out = HERE / f"fmnist-{model}"
+        out = HERE / f"{Path(args.db).stem}-{model}"  # fmnist-vgg16, fmnist-full-vgg16
         out.mkdir(exist_ok=True)
         table_rows = _variant(rows, "fx", False)
         model_tables(out, model, table_rows)
