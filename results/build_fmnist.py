@@ -16,13 +16,16 @@ from __future__ import annotations
 import argparse
 import statistics
 from collections import defaultdict
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from build_mnist import _stats, _write_csv, plot_panels, protocol_note
 
+from lookahead_prune.checkpoint import load_checkpoint
+from lookahead_prune.pipeline import Protocol
 from lookahead_prune.report import summarize, to_markdown
-from lookahead_prune.store import RunStore
+from lookahead_prune.store import RunStore, config_hash
 
 HERE = Path(__file__).resolve().parent
 TABLE_METHODS = {
@@ -140,6 +143,37 @@ def residual_table(out: Path, rows: list[dict[str, Any]]) -> None:
     _write_csv(out / "residual.csv", header, lines)
 
 
+def dense_note(db: Path, rows: list[dict[str, Any]]) -> str:
+    """Training time and test error of the dense models behind ``rows``, from their checkpoints
+    (``<db>-checkpoints/``, kept beside the database; absent in a fresh clone)."""
+    names = {f.name for f in fields(Protocol)}
+    dense: dict[str, dict[str, Any]] = {}  # dense-model key -> one of its rows
+    for r in rows:
+        protocol = Protocol(**{k: r[k] for k in names if k in r})
+        dense.setdefault(config_hash(protocol.dense_config()), r)
+    lines = []
+    for key, r in dense.items():
+        path = db.with_name(db.stem + "-checkpoints") / f"dense-{key}.pt"
+        if path.exists():
+            seconds = load_checkpoint(path)["wall_time"]
+            lines.append(
+                f"- dense model, seed {r['seed']}: {seconds / 60:.1f} min of training, test error "
+                f"{_error(r, 'dense_test_acc'):.2f}%"
+            )
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def settings_note(rows: list[dict[str, Any]]) -> str:
+    """The protocol settings beyond steps and seeds that these rows share."""
+    r = rows[0]
+    evaluated = r.get("eval_examples") or "all 10,000"
+    return (
+        f"- one-shot, {r['retrain']} retraining, (p, q) = ({r['p']}, {r['q']}), batch-norm "
+        f"factors {'on' if r['bn'] else 'off'}, precision {r.get('precision', 'fp32')}, accuracy "
+        f"on the first {evaluated} test images; levels {sorted({x['level'] for x in rows})}\n"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("db", nargs="?", default=str(HERE / "fmnist.sqlite"))
@@ -156,7 +190,8 @@ def main() -> None:
         out.mkdir(exist_ok=True)
         table_rows = _variant(rows, "fx", False)
         model_tables(out, model, table_rows)
-        note = protocol_note(table_rows)
+        note = protocol_note(table_rows) + settings_note(table_rows)
+        note += dense_note(Path(args.db), table_rows)
         if model == "resnet18":
             residual_table(out, rows)
             note += "residual study (all variants):\n" + protocol_note(rows)
