@@ -125,7 +125,7 @@ def residual_table(out: Path, rows: list[dict[str, Any]]) -> None:
             if method != "mp" and cells.get((base, lv)):
                 ref = _stats([_error(r) for r in cells[(base, lv)]])[0]
                 text += f" ({(mean - ref) / ref * 100:+.1f}%)"
-            row.append(f"{text}<br>pruned: {pmean:.1f}; kept {keep:.2f}%")
+            row.append(f"{text}<br>pruned: {pmean:.1f}; kept {keep:.2f}%; n={len(runs)}")
             lines.append((label, lv, f"{keep:.3f}", len(runs), f"{mean:.2f}", f"{std:.2f}",
                           f"{pmean:.2f}"))  # fmt: skip
         md.append("| " + " | ".join(row) + " |")
@@ -133,9 +133,9 @@ def residual_table(out: Path, rows: list[dict[str, Any]]) -> None:
     md += [
         "",
         "Test error (%) after retraining, mean±std over seeds "
-        f"{seeds}; in brackets the relative change vs MP under the same shortcut rule; then "
-        "the error right after pruning and the overall % of weights kept. Definitions: "
-        "docs/residual-lap.md.",
+        f"{seeds} (n per cell); in brackets the relative change vs MP under the same shortcut "
+        "rule; then the error right after pruning and the overall % of weights kept. "
+        "Definitions: docs/residual-lap.md.",
     ]
     (out / "residual.md").write_text("\n".join(md) + "\n")
     header = ["variant", "level", "keep_percent", "n_seeds", "error_mean", "error_std",
