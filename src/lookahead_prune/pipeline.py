@@ -22,11 +22,10 @@ from .graph import prunable_layers
 from .models import build_model, dense_layer_names
 from .prune import excluded_layers, prune
 from .schedule import kept_fraction, level_keep, paper_pq
-from .train import TrainConfig, evaluate, lr_at, paper_lr, train
+from .train import PRECISIONS, TrainConfig, evaluate, lr_at, paper_lr, train
 
 RETRAIN_MODES = ("finetune", "rewind-weights", "rewind-lr", "lottery")
 PRUNE_MODES = ("oneshot", "iterative")
-PRECISIONS = ("fp32", "bf16")
 
 ADDED = {"added": True}
 """Field metadata: added after results were first stored. Such a field enters a run's key
