@@ -1,10 +1,13 @@
 """Build the MNIST result files (Fig. 2, Fig. 3, Table 1, Appendix B) from a results database.
 
     python results/build_mnist.py results/mnist.sqlite
+    python results/build_mnist.py results/mnist-full.sqlite --out mnist-full
 
 Reads the runs that ``results/run_mnist.sh`` stored and writes CSV, Markdown and PNG files under
-``results/mnist-linear/`` and ``results/mnist-fcn/``. Nothing here trains or prunes: every
-number comes from the database.
+``results/<out>-linear/`` and ``results/<out>-fcn/`` (``<out>`` is ``mnist`` by default). A part
+whose runs are not (yet) in the database is skipped with a note, so a sweep still in progress
+can be tabulated seed by seed. Nothing here trains or prunes: every number comes from the
+database.
 """
 
 from __future__ import annotations
@@ -202,18 +205,21 @@ def protocol_note(rows: list[dict[str, Any]]) -> str:
     versions = sorted({r["code_version"] for r in rows})
     steps = sorted({(r["train_steps"], r["retrain_steps"]) for r in rows})
     wall = sum(r["wall_time"] for r in rows)
+    engines = sorted({r.get("engine") or "sequential" for r in rows})
     return (
         f"- runs: {len(rows)}; seeds: {seeds}; (train, retrain) steps: {steps}; "
         f"Adam, lr {rows[0]['lr']}, batch {rows[0]['batch_size']}\n"
         f"- code version(s): {', '.join(versions)}\n"
         f"- time in prune+retrain+evaluate, summed over runs: {wall / 60:.1f} min "
-        f"(dense training not included); device: {rows[0]['device']}\n"
+        f"(dense training not included; a grouped run counts its share of the group); "
+        f"device: {rows[0]['device']}; retraining engine(s): {', '.join(engines)}\n"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("db", nargs="?", default=str(HERE / "mnist.sqlite"))
+    parser.add_argument("--out", default="mnist", help="folder prefix under results/")
     args = parser.parse_args()
     with RunStore(args.db) as store:
         every = newest(store.runs(dataset="mnist", retrain="finetune"))
@@ -221,37 +227,54 @@ def main() -> None:
 
     linear = _select(rows, model="linear")
     fcn = _select(rows, model="fcn")
-    if not linear or not fcn:
-        raise SystemExit(f"{args.db} lacks the linear or FCN runs; run results/run_mnist.sh")
-    out = HERE / "mnist-linear"
-    out.mkdir(exist_ok=True)
-    accuracy_csv(out / "before_retrain.csv", linear, "test_acc_pruned")
-    accuracy_csv(out / "after_retrain.csv", linear, "test_acc_retrained")
-    panels = [
-        ("(a) before retraining", linear, "test_acc_pruned"),
-        ("(b) after retraining", linear, "test_acc_retrained"),
-    ]
-    plot_panels(out / "fig2.png", panels)
-    (out / "protocol.txt").write_text(protocol_note(linear))
+    if not linear and not fcn:
+        raise SystemExit(f"{args.db} holds no linear or FCN runs; run results/run_mnist.sh")
+    if linear:
+        out = HERE / f"{args.out}-linear"
+        out.mkdir(exist_ok=True)
+        accuracy_csv(out / "before_retrain.csv", linear, "test_acc_pruned")
+        accuracy_csv(out / "after_retrain.csv", linear, "test_acc_retrained")
+        panels = [
+            ("(a) before retraining", linear, "test_acc_pruned"),
+            ("(b) after retraining", linear, "test_acc_retrained"),
+        ]
+        plot_panels(out / "fig2.png", panels)
+        (out / "protocol.txt").write_text(protocol_note(linear))
+        print(f"wrote {out}")
+    else:
+        print("no linear-network runs yet: Fig. 2 skipped")
+    if fcn:
+        fcn_files(HERE / f"{args.out}-fcn", fcn, every)
+    else:
+        print("no FCN runs yet: Fig. 3, Table 1 and Appendix B skipped")
 
-    out = HERE / "mnist-fcn"
+
+def fcn_files(out: Path, fcn: list[dict[str, Any]], every: list[dict[str, Any]]) -> None:
+    """Fig. 3, Table 1, Appendix B and the beyond-the-paper rows, from whatever FCN runs exist."""
     out.mkdir(exist_ok=True)
     relu = _select(fcn, activation="relu")
     panels = []
     for act, tag in (("sigmoid", "a"), ("tanh", "b"), ("relu", "c")):
         sub = [r for r in _select(fcn, activation=act) if r["method"] in ("mp", "lap")]
-        accuracy_csv(out / f"fig3_{act}_after_retrain.csv", sub, "test_acc_retrained")
-        panels.append((f"({tag}) {act}, after retraining", sub, "test_acc_retrained"))
+        if sub:
+            accuracy_csv(out / f"fig3_{act}_after_retrain.csv", sub, "test_acc_retrained")
+            panels.append((f"({tag}) {act}, after retraining", sub, "test_acc_retrained"))
     relu_mp_lap = [r for r in relu if r["method"] in ("mp", "lap")]
-    accuracy_csv(out / "before_retrain.csv", relu_mp_lap, "test_acc_pruned")
-    panels.append(("(d) relu, before retraining", relu_mp_lap, "test_acc_pruned"))
-    plot_panels(out / "fig3.png", panels)
+    if relu_mp_lap:
+        accuracy_csv(out / "before_retrain.csv", relu_mp_lap, "test_acc_pruned")
+        panels.append(("(d) relu, before retraining", relu_mp_lap, "test_acc_pruned"))
+    if panels:
+        plot_panels(out / "fig3.png", panels)
     table_rows = [r for r in relu if 4 <= r["level"] <= 10 and r["method"] in TABLE1_METHODS]
-    table1(out, table_rows)
-    appendix_b(out, relu)
+    if table_rows:
+        table1(out, table_rows)
+    if relu:
+        appendix_b(out, relu)
     (out / "protocol.txt").write_text(protocol_note(fcn))
-    beyond(out, [r for r in every if r["model"] == "fcn" and r["activation"] == "relu"])
-    print(f"wrote {HERE / 'mnist-linear'} and {HERE / 'mnist-fcn'} from {args.db}")
+    beyond_rows = [r for r in every if r["model"] == "fcn" and r["activation"] == "relu"]
+    if any(r["mode"] == "iterative" or r.get("scope") == "global" for r in beyond_rows):
+        beyond(out, beyond_rows)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,26 +1,38 @@
 #!/usr/bin/env bash
-# The MNIST experiments of issue 4 (Fig. 2, Fig. 3, Table 1, Appendix B) at a reduced protocol.
+# The MNIST experiments (Fig. 2, Fig. 3, Table 1, Appendix B, beyond the paper).
 # Every sweep is resumable: rerun this script after an interruption and it continues.
-#   bash results/run_mnist.sh                 # reduced protocol (what results/ holds)
-#   FULL=1 bash results/run_mnist.sh          # the paper's: 5 seeds, 50k + 50k steps
+#   bash results/run_mnist.sh                  # reduced protocol: 2 seeds, 3k + 1k steps
+#   FULL=1 bash results/run_mnist.sh           # the paper's: 5 seeds, 50k + 50k steps
+#   FULL=1 SEEDS=2 ONLY=table1 bash results/run_mnist.sh   # one seed of one part
+# Parts (ONLY, space-separated): table1 linear sigmoid tanh appb global iterative.
+# One-shot sweeps of FCNs retrain each seed's pruned copies together with the sparse engine
+# (--engine auto), at the cost of their surviving weights.
 # then: .venv/bin/python results/build_mnist.py results/mnist.sqlite
+#   or: .venv/bin/python results/build_mnist.py results/mnist-full.sqlite --out mnist-full
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
 LAP=".venv/bin/lap"
-DB=results/mnist.sqlite
+ONLY="${ONLY:-table1 linear sigmoid tanh appb global iterative}"
 if [ "${FULL:-0}" = 1 ]; then
   DB=results/mnist-full.sqlite
-  COMMON="--dataset mnist --seeds 0,1,2,3,4 --train-steps 50000 --retrain-steps 50000 --db $DB --quiet"
+  COMMON="--dataset mnist --seeds ${SEEDS:-0,1,2,3,4} --train-steps 50000 --retrain-steps 50000 --db $DB --quiet"
 else
-  COMMON="--dataset mnist --seeds 0,1 --train-steps 3000 --retrain-steps 1000 --db $DB --quiet"
+  DB=results/mnist.sqlite
+  COMMON="--dataset mnist --seeds ${SEEDS:-0,1} --train-steps 3000 --retrain-steps 1000 --db $DB --quiet"
 fi
-$LAP sweep --model fcn --methods mp,rp,lfp,lbp,lap,lap-forward,lap-backward,lap-forward-seq,lap-backward-seq --levels 4-10 $COMMON
-$LAP sweep --model linear --methods mp,lap --levels 1-10 $COMMON
-$LAP sweep --model fcn --activation sigmoid --methods mp,lap --levels 4-10 $COMMON
-$LAP sweep --model fcn --activation tanh --methods mp,lap --levels 4-10 $COMMON
-$LAP sweep --model fcn --methods mp,lap --levels 1-3 $COMMON
-# Beyond the paper, at the sparsest level of Table 1 (level 10, 0.12% kept): global budgets and
-# iterative pruning (five prune-retrain rounds, so 5x the retraining of the one-shot rows).
-$LAP sweep --model fcn --methods lamp,lap,mp --levels 10 --scope global $COMMON
-$LAP sweep --model fcn --methods lap,lap-forward-seq --levels 2,4,6,8,10 --mode iterative $COMMON
+for part in $ONLY; do
+  case $part in
+    table1)
+      $LAP sweep --model fcn --methods mp,rp,lfp,lbp,lap,lap-forward,lap-backward,lap-forward-seq,lap-backward-seq --levels 4-10 $COMMON ;;
+    linear) $LAP sweep --model linear --methods mp,lap --levels 1-10 $COMMON ;;
+    sigmoid) $LAP sweep --model fcn --activation sigmoid --methods mp,lap --levels 4-10 $COMMON ;;
+    tanh) $LAP sweep --model fcn --activation tanh --methods mp,lap --levels 4-10 $COMMON ;;
+    appb) $LAP sweep --model fcn --methods mp,lap --levels 1-3 $COMMON ;;
+    # Beyond the paper, at the sparsest level of Table 1 (level 10, 0.12% kept): global budgets
+    # and iterative pruning (five prune-retrain rounds, so 5x the retraining of one-shot rows).
+    global) $LAP sweep --model fcn --methods lamp,lap,mp --levels 10 --scope global $COMMON ;;
+    iterative) $LAP sweep --model fcn --methods lap,lap-forward-seq --levels 2,4,6,8,10 --mode iterative $COMMON ;;
+    *) echo "unknown part $part" >&2; exit 2 ;;
+  esac
+done

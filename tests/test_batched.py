@@ -35,19 +35,27 @@ def _max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
 
 @pytest.mark.parametrize("seeds", [None, [0, 1, 2, 0]])
 def test_batched_equals_separate_runs(seeds):
+    """In float64, and loosely for the few weights whose gradient is near Adam's eps.
+
+    Adam's first steps are lr * g / (|g| + eps): for |g| ~ 1e-11 a tiny difference in g
+    (vmap's batched kernels sum in another order) moves the step by a fraction of lr. In
+    float32 that reached 4x lr on some CPUs; in float64 it stays below 1% of lr (the sparse
+    engine agrees with train to 1e-9 everywhere, tests/test_engines.py)."""
     x, y = _data()
+    x = x.double()
     config = TrainConfig(steps=25, lr=1.2e-3, seed=0)
-    separate, batched = _pruned_copies(), _pruned_copies()
+    separate = [m.double() for m in _pruned_copies()]
+    batched = [m.double() for m in _pruned_copies()]
     for i, model in enumerate(separate):
         seed = seeds[i] if seeds else 0
         train(model, x, y, TrainConfig(steps=25, lr=1.2e-3, seed=seed))
     results = train_batched(batched, x, y, config, seeds=seeds)
     assert len(results) == 4 and all(r.final_loss > 0 for r in results)
     for a, b in zip(separate, batched, strict=True):
-        assert _max_diff(a, b) < 1e-4  # same updates, different summation order
+        assert _max_diff(a, b) < 0.01 * config.lr  # same updates, other summation order
         assert torch.equal(b.fc1.weight_mask, a.fc1.weight_mask)
         assert bool((b.fc1.weight_orig[b.fc1.weight_mask == 0] == 0).all())
-    untrained = _pruned_copies()[0]
+    untrained = _pruned_copies()[0].double()
     assert _max_diff(untrained, batched[0]) > 1e-3  # training did move the weights
 
 

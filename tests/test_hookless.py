@@ -10,7 +10,7 @@ from torch.nn.utils import prune as torch_prune
 
 from lookahead_prune.data import BatchStream
 from lookahead_prune.hookless import HooklessMasks, apply_masks, mask_pairs
-from lookahead_prune.train import TrainConfig, _make_optimizer, train
+from lookahead_prune.train import TrainConfig, make_optimizer, train
 
 
 def _pruned_mlp() -> nn.Sequential:
@@ -31,7 +31,9 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
 def _train_through_hooks(model: nn.Module, x, y, config: TrainConfig) -> None:
     """The plain loop: the forward pre-hooks compute weight = weight_orig * mask each call."""
     stream = BatchStream(x, y, config.batch_size, seed=config.seed)
-    opt = _make_optimizer(model, config)  # the trainer's own (fused) Adam, for bit equality
+    opt = make_optimizer(
+        list(model.parameters()), config
+    )  # the trainer's own (fused) Adam, for bit equality
     pairs = mask_pairs(model)
     for _ in range(config.steps):
         xb, yb = next(stream)
@@ -114,7 +116,7 @@ def test_masked_entries_leave_no_optimiser_state_or_gradient():
     train(ours, x, y, config, callback=regrow)
     reference = _pruned_mlp()  # the same run through the hooks, by hand
     stream = BatchStream(x, y, config.batch_size, seed=config.seed)
-    opt = _make_optimizer(reference, config)
+    opt = make_optimizer(list(reference.parameters()), config)
     for step in range(1, config.steps + 1):
         xb, yb = next(stream)
         loss = F.cross_entropy(reference(xb), yb)

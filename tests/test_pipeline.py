@@ -62,15 +62,16 @@ def test_retraining_modes(tiny_data, mode, monkeypatch):
     seen = {}
     import lookahead_prune.pipeline as pipeline
 
-    real_train = pipeline.train
+    real_train_many = pipeline.train_many
 
-    def spy(m, x, y, config, **kw):
+    def spy(models, x, y, config, *args, **kw):
+        (m,) = models
         seen["fc1"] = m.fc1.weight_orig.detach().clone()
         seen["mask"] = m.fc1.weight_mask.detach().clone()
         seen["lr"] = config.lr
-        return real_train(m, x, y, config, **kw)
+        return real_train_many(models, x, y, config, *args, **kw)
 
-    monkeypatch.setattr(pipeline, "train", spy)
+    monkeypatch.setattr(pipeline, "train_many", spy)
     result = prune_and_retrain(protocol, model, dense, tiny_data, "lap", 2)
     expected_start = {
         "finetune": dense.state["fc1.weight"],

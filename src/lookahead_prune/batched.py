@@ -32,6 +32,15 @@ def batchable(models: Sequence[nn.Module]) -> bool:
     return True
 
 
+def batch_why_not(models: Sequence[nn.Module], x: Tensor, config: TrainConfig) -> str | None:
+    """Why :func:`train_batched` cannot train ``models`` together (None: it can)."""
+    try:
+        _check_models(models)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def _check_models(models: Sequence[nn.Module]) -> None:
     if not models:
         raise ValueError("train_batched needs at least one model")

@@ -14,6 +14,7 @@ from typing import Any
 from . import __version__
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DATASETS, DatasetError, load_dataset
+from .engines import ENGINE_CHOICES
 from .models import model_names
 from .pipeline import RETRAIN_MODES, Protocol, new_model, train_dense
 from .prune import prune
@@ -87,9 +88,15 @@ def _add_protocol_args(p: argparse.ArgumentParser, *, train: int, retrain: int) 
     g.add_argument("--data-dir", default=None, help="dataset folder (default: $LAP_DATA or cache)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     g.add_argument(
+        "--engine", default="auto", choices=ENGINE_CHOICES,
+        help="how pruned copies retrain together: sparse (MLPs on CPU: cost follows the "
+        "surviving weights), vmap (GPU), sequential (one train() each, the reference); "
+        "auto picks per model. Results are the same; never part of a run's key",
+    )  # fmt: skip
+    g.add_argument(
         "--batch-models", type=int, default=None,
-        help="retrain up to this many pruned copies of a dense model together (vectorised; "
-        "default 16 on a GPU, 1 on a CPU where it does not pay)",
+        help="retrain at most this many pruned copies of a dense model together (default: "
+        "all of them with the sparse engine, 16 with vmap on a GPU, else 1)",
     )  # fmt: skip
 
 
@@ -120,6 +127,7 @@ def _protocol(args: argparse.Namespace, model: str, dataset: str, seed: int) -> 
         precision=args.precision,
         channels_last=args.channels_last,
         compile=args.compile,
+        engine=args.engine,
     )
 
 

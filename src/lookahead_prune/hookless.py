@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune as torch_prune
 
-__all__ = ["HooklessMasks", "apply_masks", "mask_pairs"]
+__all__ = ["HooklessMasks", "apply_masks", "mask_pairs", "refresh_pruned"]
 
 
 def mask_pairs(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
@@ -104,3 +104,14 @@ class HooklessMasks:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+def refresh_pruned(module: nn.Module) -> None:
+    """Recompute a pruned module's tensors (``weight = weight_orig * mask``) after an update.
+
+    Training that writes ``weight_orig`` without a forward pass leaves the attribute stale
+    until the next forward; this runs the pruning hooks once so readers see the new values.
+    """
+    for hook in list(module._forward_pre_hooks.values()):
+        if isinstance(hook, torch_prune.BasePruningMethod):
+            hook(module, ())

@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from .batched import batchable, train_batched
 from .data import ImageDataset
+from .engines import ENGINE_CHOICES, train_many
 from .graph import prunable_layers
 from .models import build_model, dense_layer_names
 from .prune import excluded_layers, prune
@@ -65,11 +66,14 @@ class Protocol:
     precision: str = field(default="fp32", metadata=ADDED)  # "bf16": autocast in training
     channels_last: bool = field(default=False, metadata=RUNTIME)
     compile: bool = field(default=False, metadata=RUNTIME)
+    engine: str = field(default="auto", metadata=RUNTIME)  # how retraining groups compute
 
     def __post_init__(self) -> None:
         if isinstance(self.exclude, str):
             raise ValueError(f"exclude must be a list of patterns, not the string {self.exclude!r}")
         object.__setattr__(self, "exclude", tuple(sorted(set(self.exclude))))  # order-free key
+        if self.engine not in ENGINE_CHOICES:
+            raise ValueError(f"engine must be one of {ENGINE_CHOICES}, not {self.engine!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
         if self.eval_examples is not None and (
@@ -277,6 +281,7 @@ class LevelResult:
     test_acc_retrained: float
     test_loss_retrained: float
     train_acc_retrained: float
+    engine: str = "sequential"  # what retrained it (never part of the run's key)
 
 
 def prune_and_retrain_many(
@@ -285,11 +290,14 @@ def prune_and_retrain_many(
     dense: DenseModel,
     data: ImageDataset,
     jobs: Sequence[tuple[str, int]],
+    *,
+    progress: bool = False,
 ) -> list[LevelResult]:
     """Prune each model in place to its (method, level), evaluate, retrain, evaluate.
 
-    The models are retrained together (:func:`train_batched`) when their architecture allows
-    it, which gives what separate runs would, faster; otherwise one after another.
+    The models are retrained by :func:`~lookahead_prune.engines.train_many` with the
+    protocol's engine: together where an engine can take them (what separate runs would
+    give, faster), otherwise one after another. ``progress`` shows a bar for the group.
     """
     p, q = protocol.pq
     reports, before, before_train = [], [], []
@@ -321,14 +329,17 @@ def prune_and_retrain_many(
         before_train.append(evaluate(model, *_train_subset(protocol, data)))
         configs.append(_retrain_setup(protocol, model, dense))
     config = configs[0]
+    engines = [protocol.engine if protocol.engine != "auto" else "sequential"] * len(models)
     if config.steps:
-        if len(models) > 1 and batchable(models):
-            train_batched(models, data.train_x, data.train_y, config)
-        else:
-            for model in models:
-                train(model, data.train_x, data.train_y, config)
+        with _GroupBar(len(models), config.steps, enabled=progress) as bar:
+            trained = train_many(
+                models, data.train_x, data.train_y, config, protocol.engine, progress=bar.update
+            )
+        engines = [r.engine for r in trained]
     results = []
-    for model, report, b, bt in zip(models, reports, before, before_train, strict=True):
+    for model, report, b, bt, engine in zip(
+        models, reports, before, before_train, engines, strict=True
+    ):
         after = evaluate(model, *_test_set(protocol, data))
         after_train = evaluate(model, *_train_subset(protocol, data))
         results.append(
@@ -341,9 +352,33 @@ def prune_and_retrain_many(
                 test_acc_retrained=after.accuracy,
                 test_loss_retrained=after.loss,
                 train_acc_retrained=after_train.accuracy,
+                engine=engine,
             )
         )
     return results
+
+
+class _GroupBar:
+    """A progress bar for one retraining group: steps, models in it, model-steps per second."""
+
+    def __init__(self, models: int, steps: int, *, enabled: bool) -> None:
+        self.models = models
+        self.bar = tqdm(
+            total=steps, desc=f"retrain x{models}", unit="step", disable=not enabled, leave=False
+        )
+        self.start = time.perf_counter()
+
+    def update(self, step: int, losses: torch.Tensor) -> None:
+        """Advance to ``step``; called by the engine every few steps."""
+        self.bar.update(step - self.bar.n)
+        rate = step * self.models / max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"{rate:.0f} model-steps/s", refresh=False)
+
+    def __enter__(self) -> _GroupBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
 
 
 def prune_and_retrain(

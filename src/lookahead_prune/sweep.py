@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import ImageDataset, load_dataset
 from .graph import prunable_layers
+from .mlp_chain import mlp_chain_or_none
 from .models import build_model
 from .pipeline import (
     DenseModel,
@@ -141,8 +142,9 @@ class _Runner:
     device: torch.device
     version: str
     workdir: Path
-    batch_models: int
+    batch_models: int | None
     levels: Sequence[int]
+    progress: bool = False
 
     def config(self, protocol: Protocol, method: str, level: int) -> dict[str, Any]:
         """A run's stored configuration; iterative runs also record the levels they went through."""
@@ -176,12 +178,15 @@ class _Runner:
     def oneshot(
         self, protocol: Protocol, dense: DenseModel, data: ImageDataset, todo: list[tuple[str, int]]
     ) -> None:
-        """Every level pruned from the dense model; retrained ``batch_models`` at a time."""
-        for i in range(0, len(todo), self.batch_models):
-            group = todo[i : i + self.batch_models]
+        """Every level pruned from the dense model; retrained in groups (see :func:`group_size`)."""
+        size = self.batch_models or group_size(protocol, self.device, len(todo))
+        for i in range(0, len(todo), size):
+            group = todo[i : i + size]
             start = time.perf_counter()
             models = [dense_model(protocol, dense, data) for _ in group]
-            results = prune_and_retrain_many(protocol, models, dense, data, group)
+            results = prune_and_retrain_many(
+                protocol, models, dense, data, group, progress=self.progress
+            )
             wall = (time.perf_counter() - start) / len(group)
             for job, result in zip(group, results, strict=True):
                 self.record(protocol, dense, job, result, wall)
@@ -223,10 +228,10 @@ def run_sweep(
 ) -> SweepStats:
     """Run every missing (protocol, method, level) of ``sweep`` and store each as it finishes.
 
-    One-shot runs of one dense model are retrained ``batch_models`` at a time in one
-    vectorised loop where the architecture allows it (see :mod:`lookahead_prune.batched`).
-    ``None`` picks 16 on a GPU and 1 on a CPU, where the vectorised loop is no faster
-    (benchmarks/RESULTS.md).
+    One-shot runs of one dense model are retrained ``batch_models`` at a time by
+    :func:`~lookahead_prune.engines.train_many` with the protocol's engine. ``None`` lets
+    :func:`group_size` choose: all of them at once where the sparse engine takes them (an
+    MLP on CPU), 16 on a GPU (vmap), else one at a time so each run is stored as it ends.
     """
     if batch_models is not None and batch_models < 1:
         raise ValueError(f"batch_models must be >= 1, not {batch_models}")
@@ -235,15 +240,14 @@ def run_sweep(
     workdir = Path(workdir) if workdir is not None else db.with_name(db.stem + "-checkpoints")
     workdir.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
-    if batch_models is None:
-        batch_models = 16 if dev.type == "cuda" else 1
     stats = SweepStats()
     datasets: dict[tuple[str, int | None], ImageDataset] = {}
     with RunStore(db) as store:
         bar = tqdm(total=sweep.size(), disable=not progress, desc="runs", unit="run")
         runner = _Runner(
-            store, bar, stats, dev, code_version(), workdir, batch_models, sorted(sweep.levels)
-        )
+            store, bar, stats, dev, code_version(), workdir, batch_models, sorted(sweep.levels),
+            progress,
+        )  # fmt: skip
         for protocol in sweep.protocols():
             plan = [(m, lv) for m in sweep.methods for lv in sorted(sweep.levels)]
             todo = [
@@ -274,6 +278,23 @@ def run_sweep(
         bar.close()
     stats.wall_time = time.perf_counter() - start
     return stats
+
+
+def group_size(protocol: Protocol, device: torch.device, todo: int) -> int:
+    """How many one-shot runs of one dense model to retrain together.
+
+    Grouping pays only where an engine trains the group as one: the sparse engine (CPU,
+    chains of Linear layers) takes every run at once, vmap (GPU) 16 at a time. Otherwise
+    one, so that each run is stored the moment it finishes.
+    """
+    if protocol.engine == "sequential" or todo <= 1:
+        return 1
+    if device.type == "cuda":
+        return 16 if protocol.engine in ("auto", "vmap") else 1
+    if protocol.engine in ("auto", "sparse"):
+        probe = build_model(protocol.model, activation=protocol.activation)
+        return todo if mlp_chain_or_none(probe) else 1
+    return 1
 
 
 def levels_from(spec: str | Sequence[int]) -> list[int]:

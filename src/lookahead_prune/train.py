@@ -33,9 +33,11 @@ __all__ = [
     "TrainResult",
     "evaluate",
     "lr_at",
+    "make_optimizer",
     "paper_lr",
     "paper_steps",
     "pick_device",
+    "set_lr",
     "train",
 ]
 
@@ -141,13 +143,15 @@ class TrainResult:
     """What a run did: updates made, mean loss of the last steps, seconds, weight snapshots.
 
     ``snapshots[k]`` is a CPU copy of the state dict after ``k`` updates (0: before any),
-    for weight rewinding.
+    for weight rewinding. ``engine`` names what computed it (see :mod:`.engines`); runs
+    trained together report the group's wall time.
     """
 
     steps: int
     final_loss: float
     wall_time: float
     snapshots: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    engine: str = "sequential"
 
     @property
     def steps_per_second(self) -> float:
@@ -245,7 +249,6 @@ def train(
         model.to(memory_format=torch.channels_last)
     loss_of = forward_loss(config, model)
     hookless = HooklessMasks(model)
-    scheduled = config.schedule != "constant"
     every = config.eval_every
     tail_start = config.steps - min(LOSS_WINDOW, config.steps)
     tail: list[Tensor] = []
@@ -253,15 +256,16 @@ def train(
     bar = tqdm(total=config.steps, desc="train", unit="step", disable=not progress, leave=False)
     try:
         hookless.engage()
-        optimizer = _make_optimizer(model, config)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError(f"{type(model).__name__} has no trainable parameters")
+        optimizer = make_optimizer(trainable, config)
         snapshots = {0: _snapshot(model)} if 0 in wanted else {}
         start = time.perf_counter()
         with _seeded_rng(device, config.seed):
             model.train()
             for step in range(1, config.steps + 1):
-                if scheduled:
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr_at(config, step - 1)
+                set_lr(optimizer, config, step)
                 xb, yb = next(stream)
                 if config.channels_last and xb.ndim == 4:
                     xb = xb.contiguous(memory_format=torch.channels_last)
@@ -350,11 +354,13 @@ def _checkpoint_steps(checkpoints: Iterable[int], steps: int) -> frozenset[int]:
     return wanted
 
 
-def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Adam or SGD over the trainable parameters, fused kernels where this torch has them."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(params: list[Tensor], config: TrainConfig) -> torch.optim.Optimizer:
+    """Adam or SGD over ``params`` as ``config`` says, fused kernels where this torch has them.
+
+    Every engine builds its optimiser here, so all of them update weights alike.
+    """
     if not params:
-        raise ValueError(f"{type(model).__name__} has no trainable parameters")
+        raise ValueError("no trainable parameters")
     kwargs: dict[str, Any] = {"lr": config.lr, "weight_decay": config.weight_decay}
     if config.optimizer == "adam":
         factory: Callable[..., torch.optim.Optimizer] = torch.optim.Adam
@@ -365,6 +371,13 @@ def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
         return factory(params, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):
         return factory(params, **kwargs)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, config: TrainConfig, step: int) -> None:
+    """Set the learning rate of update ``step`` (1-based) from the schedule; constant: no-op."""
+    if config.schedule != "constant":
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(config, step - 1)
 
 
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
