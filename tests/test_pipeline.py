@@ -250,7 +250,7 @@ def test_fields_added_later_keep_old_keys_and_runtime_fields_never_enter_them():
     assert config_hash(config) == "5d04fff4ff7371ff"
     assert config_hash(base.dense_config()) == "9d1e1ec8fbf0dc22"
     assert not {"exclude", "eval_examples", "precision", "channels_last", "compile"} & set(config)
-    fast = Protocol(model="fcn", dataset="mnist", channels_last=True, compile=True)
+    fast = Protocol(model="fcn", dataset="mnist", channels_last=True, compile=True, engine="sparse")
     assert fast.run_config("lap", 4) == config and fast.dense_config() == base.dense_config()
     for change in ({"exclude": ["fc3"]}, {"eval_examples": 100}, {"precision": "bf16"}):
         other = Protocol(model="fcn", dataset="mnist", **change)
@@ -258,6 +258,8 @@ def test_fields_added_later_keep_old_keys_and_runtime_fields_never_enter_them():
     assert Protocol(model="fcn", dataset="mnist", exclude=["a", "b"]).exclude == ("a", "b")
     with pytest.raises(ValueError, match="precision"):
         Protocol(model="fcn", dataset="mnist", precision="fp8")
+    with pytest.raises(ValueError, match="engine"):
+        Protocol(model="fcn", dataset="mnist", engine="fast")
     with pytest.raises(ValueError, match="eval_examples"):
         Protocol(model="fcn", dataset="mnist", eval_examples=0)
     with pytest.raises(ValueError, match="list of patterns"):
@@ -299,3 +301,35 @@ def test_sweep_refuses_an_exclude_pattern_before_training():
     with pytest.raises(ValueError, match="matches no prunable layer"):
         Sweep(protocol, ["resnet18", "conv6"], ["mnist"], ["lap"], [3], [0])
     assert Protocol(model="fcn", dataset="mnist", exclude=("b", "a", "b")).exclude == ("a", "b")
+
+
+def test_sparse_engine_sweep_stores_what_the_sequential_one_does(tmp_path):
+    """Same keys, same numbers (up to summation order); the engine is recorded, not keyed."""
+    rows = {}
+    for engine in ("sequential", "sparse"):
+        db = tmp_path / f"{engine}.sqlite"
+        args = ["sweep", "--model", "fcn", "--methods", "mp,lap", "--levels", "4,9",
+                "--seeds", "0", "--train-steps", "30", "--retrain-steps", "20",
+                "--subset", "600", "--db", str(db), "--quiet", "--engine", engine]  # fmt: skip
+        assert main(args) == 0
+        with RunStore(db) as store:
+            rows[engine] = {r["key"]: r for r in store.runs()}
+    assert set(rows["sparse"]) == set(rows["sequential"]) and len(rows["sparse"]) == 4
+    for key, ours in rows["sparse"].items():
+        ref = rows["sequential"][key]
+        assert ours["engine"] == "sparse" and ref["engine"] == "sequential"
+        assert ours["keep"] == ref["keep"]
+        assert ours["test_acc_pruned"] == ref["test_acc_pruned"]
+        assert abs(ours["test_acc_retrained"] - ref["test_acc_retrained"]) <= 0.01
+        assert abs(ours["test_loss_retrained"] - ref["test_loss_retrained"]) < 1e-3
+
+
+def test_sweep_groups_one_shot_runs_only_where_an_engine_trains_them_as_one():
+    from lookahead_prune.sweep import group_size
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    fcn = Protocol(model="fcn", dataset="mnist")
+    assert group_size(fcn, cpu, 63) == 63
+    assert group_size(Protocol(model="conv6", dataset="mnist"), cpu, 63) == 1
+    assert group_size(Protocol(model="fcn", dataset="mnist", engine="sequential"), cpu, 63) == 1
+    assert group_size(fcn, cuda, 63) == 16

@@ -5,17 +5,22 @@
 >>> report = lp.prune(model, method="lap", keep=0.05)
 """
 
+from .engines import ENGINES, train_many
 from .graph import GraphError, LayerGraph, build_graph, neighbour_names, register_passthrough
 from .prune import PruneReport, compute_masks, compute_scores, parse_method, prune
 from .scores import SCORES
+from .train import TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ENGINES",
     "SCORES",
     "GraphError",
     "LayerGraph",
     "PruneReport",
+    "TrainConfig",
+    "TrainResult",
     "__version__",
     "build_graph",
     "compute_masks",
@@ -24,4 +29,6 @@ __all__ = [
     "parse_method",
     "prune",
     "register_passthrough",
+    "train",
+    "train_many",
 ]

@@ -23,7 +23,7 @@ from .train import TrainConfig, TrainResult, train
 
 __all__ = ["ENGINES", "SPARSE_MAX_DENSITY", "Engine", "choose_engine", "train_many"]
 
-SPARSE_MAX_DENSITY = 0.2
+SPARSE_MAX_DENSITY = 0.25
 """``auto`` trains a model with the sparse engine on CPU only at or below this share of
 surviving weights; denser models train faster with dense masked kernels. Measured by
 ``benchmarks/group_retrain.py`` (see benchmarks/RESULTS.md)."""
