@@ -117,10 +117,10 @@ def test_markdown_table() -> None:
         "ZETA",
     ]
     rows = {r[0]: r[1:] for r in body}
-    assert rows["MP (baseline)"] == ["2.50±0.71", "4.00±0.00"]
-    assert rows["LAP"] == ["2.00±1.00 (-20.00%)", "5.00±0.00 (+25.00%)"]
-    assert rows["RP"] == ["—", "10.00±0.00 (+150.00%)"]
-    assert rows["LAP-forward-seq"] == ["2.50±0.00 (+0.00%)", "—"]
+    assert rows["MP (baseline)"] == ["2.50±0.71", "4.00"]
+    assert rows["LAP"] == ["2.00±1.00 (-20.00%)", "5.00 (+25.00%)"]
+    assert rows["RP"] == ["—", "10.00 (+150.00%)"]
+    assert rows["LAP-forward-seq"] == ["2.50 (+0.00%)", "—"]
     assert "over 1-3 seeds" in md
     assert "test error (%) after retraining of fcn on mnist" in md.lower()
 
@@ -146,7 +146,7 @@ def test_summary_csv_parses() -> None:
         "n_seeds",
         "mean",
         "std",
-        "gain_vs_baseline_percent",
+        "error_change_vs_mp_percent",
     ]
     by_key = {(r["method"], float(r["keep_percent"])): r for r in records}
     assert len(records) == 8
@@ -154,8 +154,8 @@ def test_summary_csv_parses() -> None:
     assert int(lap["n_seeds"]) == 3
     assert float(lap["mean"]) == pytest.approx(2.0)
     assert float(lap["std"]) == pytest.approx(1.0)
-    assert float(lap["gain_vs_baseline_percent"]) == pytest.approx(-20.0)
-    assert by_key[("mp", 6.36)]["gain_vs_baseline_percent"] == ""
+    assert float(lap["error_change_vs_mp_percent"]) == pytest.approx(-20.0)
+    assert by_key[("mp", 6.36)]["error_change_vs_mp_percent"] == ""
     assert [r["method"] for r in records][:3] == ["mp", "mp", "rp"]
 
 
@@ -211,8 +211,23 @@ def test_plot_writes_file(tmp_path: Path, suffix: str) -> None:
 
 
 def test_plot_rejects_bad_input(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"\.png or \.svg"):
+    with pytest.raises(ValueError, match=r"\.png, \.svg or \.pdf"):
         plot_accuracy(make_rows(), tmp_path / "x.jpg")
     with pytest.raises(ValueError, match="at least one metric"):
         plot_accuracy(make_rows(), tmp_path / "x.png", metrics=())
     assert not (tmp_path / "x.png").exists()
+
+
+def test_one_seed_has_no_spread_and_csv_numbers_are_rounded() -> None:
+    rows = [
+        {"model": "fcn", "dataset": "mnist", "method": m, "keep": 0.0636, "seed": 0,
+         "test_acc_retrained": acc}
+        for m, acc in (("mp", 1 - 0.0483), ("lap", 1 - 0.0321))
+    ]  # fmt: skip
+    summary = summarize(rows)
+    md = to_markdown(summary)
+    assert "±" not in md.split("\n\n")[0] and "1 seed" in md and "1 seeds" not in md
+    assert "negative: fewer errors" in md
+    records = list(csv.DictReader(io.StringIO(to_csv(summary))))
+    assert records[0]["mean"] == "4.83" and records[0]["std"] == ""  # not 4.830000000000001
+    assert records[1]["error_change_vs_mp_percent"] == str(round((3.21 - 4.83) / 4.83 * 100, 4))

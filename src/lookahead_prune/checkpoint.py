@@ -65,15 +65,25 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | Path, map_location: MapLocation = None) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, map_location: MapLocation = None, *, cache: bool = True
+) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint`, refusing arbitrary Python objects.
 
     Raises FileNotFoundError if missing, UnsafeCheckpointError if the file needs more
-    than weights-only unpickling, and CheckpointError if it is truncated or corrupt.
+    than weights-only unpickling, and CheckpointError if it is truncated, corrupt or no
+    checkpoint at all. ``cache`` says the file is one the tool wrote and can recompute (a
+    sweep's dense model), so the error may advise deleting it; for a file the user gave
+    (``cache=False``) it only says what the file is not.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    kind = _foreign_kind(path)
+    if kind is not None:
+        raise CheckpointError(
+            f"{path} is {kind}, not a checkpoint (write one with `lap train --out FILE`)"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -84,20 +94,47 @@ def load_checkpoint(path: str | Path, map_location: MapLocation = None) -> dict[
                 f"refusing to load checkpoint {path}: it contains Python objects other than "
                 "tensors, numbers, strings and containers, and unpickling them could run code"
             ) from err
-        raise _corrupt(path, err) from err
+        raise _corrupt(path, err, cache) from err
     except PermissionError:
         raise
     except Exception as err:  # a damaged file fails in many ways: OSError, EOFError, KeyError...
-        raise _corrupt(path, err) from err
+        raise _corrupt(path, err, cache) from err
     if not isinstance(state, dict):
+        advice = "; delete it and rerun" if cache else ""
         raise CheckpointError(
-            f"checkpoint {path} holds a {type(state).__name__}, not a dict; delete it and rerun"
+            f"checkpoint {path} holds a {type(state).__name__}, not a dict{advice}"
         )
     return state
 
 
-def _corrupt(path: Path, err: BaseException) -> CheckpointError:
+_MAGIC = {
+    b"SQLite format 3\x00": "an SQLite database (a results store?)",
+    b"\x89PNG": "a PNG image",
+    b"%PDF": "a PDF document",
+}
+
+
+def _foreign_kind(path: Path) -> str | None:
+    """What ``path`` is when its first bytes name another format, else None."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(16)
+    except OSError:
+        return None
+    for magic, kind in _MAGIC.items():
+        if head.startswith(magic):
+            return kind
+    return None
+
+
+def _corrupt(path: Path, err: BaseException, cache: bool) -> CheckpointError:
+    what = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    if cache:
+        return CheckpointError(
+            f"checkpoint {path} is truncated or corrupt ({what}); "
+            "delete the file and rerun to recompute it"
+        )
     return CheckpointError(
-        f"checkpoint {path} is truncated or corrupt ({type(err).__name__}: {err}); "
-        "delete the file and rerun to recompute it"
+        f"{path} is not a readable checkpoint ({what}); give a file written by "
+        "`lap train --out FILE` or `lap prune --out FILE`"
     )

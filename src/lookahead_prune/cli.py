@@ -17,8 +17,16 @@ from .data import DATASETS, DatasetError, load_dataset
 from .engines import ENGINE_CHOICES
 from .models import model_names
 from .pipeline import RETRAIN_MODES, Protocol, new_model, train_dense
-from .prune import prune
-from .report import plot_accuracy, rows_to_csv, summarize, to_csv, to_markdown
+from .prune import parse_method, prune
+from .report import (
+    check_plot_path,
+    plot_accuracy,
+    reportable,
+    rows_to_csv,
+    summarize,
+    to_csv,
+    to_markdown,
+)
 from .scores import SCORES
 from .store import RunStore, StoreError, config_hash
 from .sweep import Sweep, levels_from, run_config, run_sweep
@@ -48,36 +56,31 @@ def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _add_protocol_args(p: argparse.ArgumentParser, *, train: int, retrain: int) -> None:
-    g = p.add_argument_group("protocol")
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Help that shows every option's default and keeps descriptions as written."""
+
+
+def _doc(func: Any) -> str:
+    """A command's docstring as plain help text (no reST markup)."""
+    return (func.__doc__ or "").replace("``", "`")
+
+
+def _add_training_args(p: argparse.ArgumentParser, *, train: int) -> None:
+    """Options of dense training: every command that trains takes these."""
+    g = p.add_argument_group("training")
     g.add_argument("--train-steps", type=int, default=train, help="steps of dense training")
-    g.add_argument("--retrain-steps", type=int, default=retrain, help="steps of retraining")
-    g.add_argument("--lr", type=float, default=None, help="learning rate (default: paper's)")
-    g.add_argument("--batch-size", type=int, default=60)
-    g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
-    g.add_argument("--schedule", default="constant", choices=["constant", "cosine", "step"])
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--activation", default="relu", choices=["relu", "sigmoid", "tanh"])
-    g.add_argument("--retrain", default="finetune", choices=RETRAIN_MODES)
-    g.add_argument("--rewind-step", type=int, default=0, help="step rewind-weights returns to")
-    g.add_argument("--mode", default="oneshot", choices=["oneshot", "iterative"])
-    g.add_argument("--p", type=float, default=None, help="conv keep factor per level")
-    g.add_argument("--q", type=float, default=None, help="linear keep factor per level")
-    g.add_argument("--no-bn", action="store_true", help="LAP without Eq. 9's batch-norm factors")
-    g.add_argument("--graph", default="fx", choices=["fx", "sequential"])
-    g.add_argument(
-        "--scope", default="layer", choices=["layer", "global"],
-        help="global: the level's overall fraction under one threshold (normalised scores)",
-    )  # fmt: skip
+    g.add_argument("--lr", type=float, default=None, help="learning rate (None: the paper's)")
+    g.add_argument("--batch-size", type=int, default=60, help="examples per step")
+    g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="optimiser")
+    g.add_argument("--schedule", default="constant", choices=["constant", "cosine", "step"],
+                   help="learning-rate schedule")  # fmt: skip
+    g.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay")
+    g.add_argument("--activation", default="relu", choices=["relu", "sigmoid", "tanh"],
+                   help="nonlinearity of the model")  # fmt: skip
     g.add_argument("--subset", type=int, default=None, help="use only n training examples")
     g.add_argument(
-        "--exclude", default="",
-        help="comma-separated layer names or globs left dense and, with --graph sequential, out "
-        "of the chain (the official code's ResNet shortcuts: '*shortcut*')",
-    )  # fmt: skip
-    g.add_argument(
         "--eval-examples", type=int, default=None,
-        help="measure accuracy on the first n test (and training) examples (default: all)",
+        help="measure accuracy on the first n test (and training) examples (None: all)",
     )  # fmt: skip
     g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: train under bfloat16 autocast (fast on recent GPUs)")  # fmt: skip
@@ -85,8 +88,38 @@ def _add_protocol_args(p: argparse.ArgumentParser, *, train: int, retrain: int) 
                    help="NHWC memory layout for conv nets (cuDNN, oneDNN)")  # fmt: skip
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the training step, once for all levels")  # fmt: skip
-    g.add_argument("--data-dir", default=None, help="dataset folder (default: $LAP_DATA or cache)")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    _add_data_args(p)
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data and device")
+    g.add_argument("--data-dir", default=None, help="dataset folder (None: $LAP_DATA or cache)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (None: cuda if present)")
+
+
+def _add_pruning_args(p: argparse.ArgumentParser, *, retrain: int) -> None:
+    """Options of pruning and retraining: what sweeps and the demo take beyond training."""
+    g = p.add_argument_group("pruning and retraining")
+    g.add_argument("--retrain-steps", type=int, default=retrain, help="steps of retraining")
+    g.add_argument("--retrain", default="finetune", choices=RETRAIN_MODES,
+                   help="what retraining starts from")  # fmt: skip
+    g.add_argument("--rewind-step", type=int, default=0, help="step rewind-weights returns to")
+    g.add_argument("--mode", default="oneshot", choices=["oneshot", "iterative"],
+                   help="prune each level from the dense model, or the levels in turn")  # fmt: skip
+    g.add_argument("--p", type=float, default=None, help="conv keep factor per level (None: paper)")
+    g.add_argument("--q", type=float, default=None, help="linear keep factor per level")
+    g.add_argument("--no-bn", action="store_true", help="LAP without Eq. 9's batch-norm factors")
+    g.add_argument("--graph", default="fx", choices=["fx", "sequential"],
+                   help="neighbours from the traced graph, or from module order")  # fmt: skip
+    g.add_argument(
+        "--scope", default="layer", choices=["layer", "global"],
+        help="global: the level's overall fraction under one threshold (normalised scores)",
+    )  # fmt: skip
+    g.add_argument(
+        "--exclude", default="",
+        help="comma-separated layer names or globs left dense and, with --graph sequential, out "
+        "of the chain (the official code's ResNet shortcuts: '*shortcut*')",
+    )  # fmt: skip
     g.add_argument(
         "--engine", default="auto", choices=ENGINE_CHOICES,
         help="how pruned copies retrain together: sparse (MLPs on CPU: cost follows the "
@@ -95,40 +128,36 @@ def _add_protocol_args(p: argparse.ArgumentParser, *, train: int, retrain: int) 
     )  # fmt: skip
     g.add_argument(
         "--batch-models", type=int, default=None,
-        help="retrain at most this many pruned copies of a dense model together (default: "
-        "all of them with the sparse engine, 16 with vmap on a GPU, else 1)",
+        help="retrain at most this many pruned copies of a dense model together (None: all "
+        "of them with the sparse engine, 16 with vmap on a GPU, else 1)",
     )  # fmt: skip
 
 
+_FLAG_TO_FIELD = {"no_bn": "bn"}
+
+
 def _protocol(args: argparse.Namespace, model: str, dataset: str, seed: int) -> Protocol:
-    return Protocol(
-        model=model,
-        dataset=dataset,
-        seed=seed,
-        activation=args.activation,
-        train_steps=args.train_steps,
-        retrain_steps=args.retrain_steps,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        schedule=args.schedule,
-        weight_decay=args.weight_decay,
-        retrain=args.retrain,
-        rewind_step=args.rewind_step,
-        mode=args.mode,
-        p=args.p,
-        q=args.q,
-        bn=not args.no_bn,
-        graph=args.graph,
-        subset=args.subset,
-        scope=args.scope,
-        exclude=tuple(_split(args.exclude)),
-        eval_examples=args.eval_examples,
-        precision=args.precision,
-        channels_last=args.channels_last,
-        compile=args.compile,
-        engine=args.engine,
-    )
+    """The protocol the command-line options describe; options a command lacks keep defaults."""
+    given = vars(args)
+    values: dict[str, Any] = {"model": model, "dataset": dataset, "seed": seed}
+    for f in fields(Protocol):
+        if f.name in values:
+            continue
+        if f.name == "bn" and "no_bn" in given:
+            values["bn"] = not given["no_bn"]
+        elif f.name == "exclude" and "exclude" in given:
+            values["exclude"] = tuple(_split(given["exclude"]))
+        elif f.name in given:
+            values[f.name] = given[f.name]
+    return Protocol(**values)
+
+
+def _seeds(text: str, flag: str = "--seeds") -> list[int]:
+    """Seeds from ``"0,1,2"`` or ``"0-4"``; a bad one names the flag."""
+    try:
+        return levels_from(text)
+    except ValueError:
+        raise ValueError(f"{flag} must be integers like '0,1,2' or '0-4', not {text!r}") from None
 
 
 PROTOCOL_FIELDS = [f.name for f in fields(Protocol) if f.name != "seed"]
@@ -143,17 +172,30 @@ def protocol_groups(rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], list[di
     return groups
 
 
+METRIC_WORDS = {
+    "test_acc_retrained": "test error (%) after retraining",
+    "test_acc_pruned": "test error (%) right after pruning, before retraining",
+    "train_acc_retrained": "training error (%) after retraining",
+}
+
+
 def _title(rows: list[dict[str, Any]], metric: str) -> str:
+    """A table's title in words: model, data, how it was pruned and what the cells show."""
     r = rows[0]
-    return (
-        f"{r['model']} ({r.get('activation')}) on {r['dataset']}, {r.get('mode')} pruning, "
-        f"{r.get('retrain')} retraining, {r.get('train_steps')}+{r.get('retrain_steps')} steps: "
-        f"test error (%), {metric}"
-    )
+    steps = f"{r.get('train_steps')} training steps"
+    how = f"{r.get('mode')} pruning"
+    if metric != "test_acc_pruned":  # retraining has not happened yet for that table
+        how += f", {r.get('retrain')} retraining"
+        steps += f" + {r.get('retrain_steps')} retraining steps"
+    what = METRIC_WORDS.get(metric, metric)
+    return f"{r['model']} ({r.get('activation')}) on {r['dataset']}, {how}, {steps}: {what}"
 
 
 def _print_tables(rows: list[dict[str, Any]], metric: str) -> None:
-    for group in protocol_groups(rows).values():
+    good, problems = reportable(rows, metric)
+    for problem in problems:
+        print(f"lap report: skipped a run: {problem}", file=sys.stderr)
+    for group in protocol_groups(good).values():
         summary = summarize(group, metric=metric)
         print(to_markdown(summary, title=_title(group, metric)))
         print()
@@ -162,17 +204,18 @@ def _print_tables(rows: list[dict[str, Any]], metric: str) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Train the FCN on bundled MNIST, prune with MP and LAP at several levels, retrain, report."""
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    args.subset = None
     protocol = _protocol(args, "fcn", "mnist", 0)
-    levels = levels_from(args.levels)
-    methods = _split(args.methods)
-    sweep = Sweep(protocol, ["fcn"], ["mnist"], methods, levels, list(range(args.seeds)))
+    sweep = Sweep(
+        protocol, ["fcn"], ["mnist"], _split(args.methods), levels_from(args.levels),
+        _seeds(args.seeds),
+    )  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
     db = out / "demo.sqlite"
     start = time.perf_counter()
     stats = run_sweep(
-        sweep, db, data_dir=args.data_dir, device=args.device, batch_models=args.batch_models
-    )
+        sweep, db, data_dir=args.data_dir, device=args.device, batch_models=args.batch_models,
+        progress=not args.quiet,
+    )  # fmt: skip
     with RunStore(db) as store:
         rows = [r for r in store.runs(model="fcn", dataset="mnist") if r["key"] in _keys(sweep)]
     print()
@@ -194,11 +237,15 @@ def _keys(sweep: Sweep) -> set[str]:
     }
 
 
-def _as_list(value: Any) -> list[Any]:
+def _as_list(value: Any, key: str) -> list[Any]:
     """A TOML value that may be a list, one scalar, or a comma-separated string."""
     if isinstance(value, str):
         return _split(value)
-    return list(value) if isinstance(value, list | tuple) else [value]
+    if isinstance(value, list | tuple):
+        return list(value)
+    if isinstance(value, dict):
+        raise ValueError(f"TOML key {key!r} must be a list or a string, not a table")
+    return [value]
 
 
 def _changed_sweep_flags(args: argparse.Namespace) -> list[str]:
@@ -209,18 +256,31 @@ def _changed_sweep_flags(args: argparse.Namespace) -> list[str]:
             if k not in ignore and defaults.get(k) != v]  # fmt: skip
 
 
+SWEEP_KEYS = ("models", "datasets", "methods", "levels", "seeds", "db", "data_dir", "device")
+"""TOML keys of a sweep besides the :class:`Protocol` fields (see examples/sweep.toml)."""
+
+
 def _load_toml(path: str) -> dict[str, Any]:
-    with open(path, "rb") as fh:
-        return tomllib.load(fh)
+    """A sweep file's table, with ``train-steps`` spelt either way (as flags or as fields)."""
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"{path} is not valid TOML: {error}") from None
+    table: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name in table:
+            raise ValueError(f"{path}: key {key!r} is given twice (with - and _)")
+        table[name] = value
+    return table
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run a grid of (model, dataset, seed, method, level) into the results database."""
     if args.config:
         cfg = _load_toml(args.config)
-        known = {f.name for f in fields(Protocol)} | {
-            "models", "datasets", "methods", "levels", "seeds", "db", "data_dir", "device",
-        }  # fmt: skip
+        known = {f.name for f in fields(Protocol)} | set(SWEEP_KEYS)
         unknown = set(cfg) - known
         if unknown:
             raise SystemExit(
@@ -239,11 +299,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         template = Protocol(**({"model": "fcn", "dataset": "mnist"} | proto_fields))
         sweep = Sweep(
             template,
-            _as_list(cfg.get("models", [template.model])),
-            _as_list(cfg.get("datasets", [template.dataset])),
-            _as_list(cfg["methods"]),
+            _as_list(cfg.get("models", [template.model]), "models"),
+            _as_list(cfg.get("datasets", [template.dataset]), "datasets"),
+            _as_list(cfg["methods"], "methods"),
             levels_from(cfg["levels"]),
-            [int(v) for v in _as_list(cfg.get("seeds", [0]))],
+            [int(v) for v in _as_list(cfg.get("seeds", [0]), "seeds")],
         )
         db = cfg.get("db", args.db)
         data_dir, device = cfg.get("data_dir", args.data_dir), cfg.get("device", args.device)
@@ -257,7 +317,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             _split(args.dataset),
             _split(args.methods),
             levels_from(args.levels),
-            [int(s) for s in _split(args.seeds)],
+            _seeds(args.seeds),
         )
         db, data_dir, device = args.db, args.data_dir, args.device
     stats = run_sweep(
@@ -278,50 +338,73 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """Print stored runs as the paper's tables (markdown) or CSV; optionally plot them."""
     if not Path(args.db).exists():
-        raise SystemExit(f"no results database at {args.db}")
+        raise FileNotFoundError(f"no results database at {args.db}")
+    if args.plot:
+        check_plot_path(args.plot)  # before printing anything
     filters = {k: getattr(args, k) for k in ("model", "dataset") if getattr(args, k)}
     with RunStore(args.db) as store:
         rows = store.runs(**filters)
     if not rows:
-        raise SystemExit(f"{args.db} holds no runs matching {filters or 'anything'}")
+        raise ValueError(f"{args.db} holds no runs matching {filters or 'anything'}")
     if args.format == "csv":
         sys.stdout.write(rows_to_csv(rows, CSV_COLUMNS))
     elif args.format == "summary-csv":
-        for group in protocol_groups(rows).values():
+        good, problems = reportable(rows, args.metric)
+        for problem in problems:
+            print(f"lap report: skipped a run: {problem}", file=sys.stderr)
+        for group in protocol_groups(good).values():
             sys.stdout.write(to_csv(summarize(group, metric=args.metric)))
     else:
         _print_tables(rows, args.metric)
     if args.plot:
-        groups = list(protocol_groups(rows).values())
+        good, _ = reportable(rows, "test_acc_retrained")
+        groups = list(protocol_groups(good).values())
         plot = Path(args.plot)
         for i, group in enumerate(groups):
             path = plot if len(groups) == 1 else plot.with_name(f"{plot.stem}-{i}{plot.suffix}")
             plot_accuracy(group, path, title=_title(group, "test accuracy"))
-            print(f"plot written to {path}", file=sys.stderr)
+            if not args.quiet:
+                print(f"plot written to {path}", file=sys.stderr)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one dense model and save it (state dict, weights_only-safe)."""
+    protocol = _protocol(args, args.model, args.dataset, args.seed)
     data = load_dataset(
         args.dataset, args.data_dir, device=pick_device(args.device), subset=args.subset
     )
-    protocol = _protocol(args, args.model, args.dataset, args.seed)
-    dense = train_dense(protocol, data, progress=True)
+    dense = train_dense(protocol, data, progress=not args.quiet)
     save_checkpoint(args.out, asdict(dense) | {"protocol": protocol.dense_config()})
     print(f"test accuracy {100 * dense.test_acc:.2f}%, saved to {args.out}")
     return 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    """Prune a saved model (from ``lap train``) and print the per-layer table and accuracy."""
-    state = load_checkpoint(args.checkpoint)
-    proto_cfg = state.get("protocol", {})
+    """Prune a model saved by `lap train`, print the per-layer table and accuracy; `--out`
+    saves the pruned model (weight_orig + weight_mask, loadable with weights_only=True)."""
+    parse_method(args.method)  # a typo fails before the checkpoint is read
+    state = load_checkpoint(args.checkpoint, cache=False)
+    if "state" not in state:
+        raise ValueError(f"{args.checkpoint} holds no model state; is it from `lap train`?")
+    saved = state.get("protocol", {})
+    for flag, key in (("model", "model"), ("dataset", "dataset")):
+        given, stored = getattr(args, flag), saved.get(key)
+        if given is not None and stored is not None and given != stored:
+            raise ValueError(
+                f"--{flag} {given} contradicts the checkpoint, which holds a {key} {stored!r}"
+            )
     protocol = Protocol(
-        model=proto_cfg.get("model", args.model),
-        dataset=proto_cfg.get("dataset", args.dataset),
-        activation=proto_cfg.get("activation", "relu"),
+        model=saved.get("model") or args.model or "fcn",
+        dataset=saved.get("dataset") or args.dataset or "mnist",
+        activation=saved.get("activation", "relu"),
     )
+    if parse_method(args.method).score == "lamp" and args.scope == "layer":
+        print(
+            "lap prune: note: LAMP ranks like MP within a layer; it differs only with "
+            "--scope global",
+            file=sys.stderr,
+        )
     data = load_dataset(protocol.dataset, args.data_dir, device=pick_device(args.device))
     model = new_model(protocol, data)
     model.load_state_dict(state["state"])
@@ -330,6 +413,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(report.table())
     metrics = evaluate(model, data.test_x, data.test_y)
     print(f"test accuracy after pruning (no retraining): {100 * metrics.accuracy:.2f}%")
+    if args.out:
+        pruned = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        save_checkpoint(args.out, {"state": pruned, "protocol": saved or protocol.dense_config(),
+                                   "method": args.method, "keep": report.keep,
+                                   "test_acc": metrics.accuracy})  # fmt: skip
+        print(f"pruned model saved to {args.out}")
     return 0
 
 
@@ -338,59 +427,74 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lap",
         description="Lookahead pruning (LAP) and the train -> prune -> retrain pipeline.",
+        formatter_class=_Help,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help=cmd_demo.__doc__, description=cmd_demo.__doc__)
+    def command(name: str, func: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=_doc(func), description=_doc(func), formatter_class=_Help)
+        p.add_argument("--quiet", action="store_true", help="no progress output")
+        p.set_defaults(func=func)
+        return p
+
+    demo = command("demo", cmd_demo)
     demo.add_argument("--out", default="demo-out", help="folder for the database and plot")
     demo.add_argument("--methods", default="mp,lap", help=METHOD_HELP)
     demo.add_argument("--levels", default="2,4,6,8,10", help='levels, e.g. "2,4" or "4-10"')
-    demo.add_argument("--seeds", type=int, default=1, help="number of seeds")
-    _add_protocol_args(demo, train=3000, retrain=1000)
-    demo.set_defaults(func=cmd_demo)
+    demo.add_argument("--seeds", default="0", help='seeds, e.g. "0" or "0,1,2" or "0-4"')
+    _add_training_args(demo, train=3000)
+    _add_pruning_args(demo, retrain=1000)
 
-    sw = sub.add_parser("sweep", help=cmd_sweep.__doc__, description=cmd_sweep.__doc__)
-    sw.add_argument("config", nargs="?", help="a TOML file describing the sweep")
+    sw = command("sweep", cmd_sweep)
+    sw.add_argument("config", nargs="?", help="a TOML file describing the sweep "
+                    "(keys: examples/sweep.toml)")  # fmt: skip
     sw.add_argument("--model", help=f"comma-separated: {', '.join(model_names())}")
     sw.add_argument("--dataset", default="mnist", help=f"comma-separated: {', '.join(DATASETS)}")
     sw.add_argument("--methods", help=METHOD_HELP)
     sw.add_argument("--levels", help='levels, e.g. "2,4" or "4-10"')
-    sw.add_argument("--seeds", default="0", help="comma-separated seeds")
+    sw.add_argument("--seeds", default="0", help='seeds, e.g. "0" or "0,1,2" or "0-4"')
     sw.add_argument("--db", default="results.sqlite", help="results database (SQLite)")
-    sw.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_protocol_args(sw, train=50_000, retrain=50_000)
-    sw.set_defaults(func=cmd_sweep)
+    _add_training_args(sw, train=50_000)
+    _add_pruning_args(sw, retrain=50_000)
 
-    rp = sub.add_parser("report", help=cmd_report.__doc__, description=cmd_report.__doc__)
-    rp.add_argument("--db", default="results.sqlite")
-    rp.add_argument("--format", default="markdown", choices=["markdown", "csv", "summary-csv"])
+    rp = command("report", cmd_report)
+    rp.add_argument("--db", default="results.sqlite", help="results database to read")
+    rp.add_argument(
+        "--format", default="markdown", choices=["markdown", "csv", "summary-csv"],
+        help="paper-style tables, one CSV row per run, or one per table cell",
+    )  # fmt: skip
     metrics = ["test_acc_retrained", "test_acc_pruned", "train_acc_retrained"]
-    rp.add_argument("--metric", default="test_acc_retrained", choices=metrics)
-    rp.add_argument("--model")
-    rp.add_argument("--dataset")
-    rp.add_argument("--plot", help="write a plot (.png or .svg)")
-    rp.set_defaults(func=cmd_report)
+    rp.add_argument("--metric", default="test_acc_retrained", choices=metrics,
+                    help="what the tables show (as error)")  # fmt: skip
+    rp.add_argument("--model", help="only runs of this model")
+    rp.add_argument("--dataset", help="only runs on this dataset")
+    rp.add_argument("--plot", help="also write accuracy plots (.png, .svg or .pdf)")
 
-    tr = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
-    tr.add_argument("--model", default="fcn", choices=model_names())
-    tr.add_argument("--dataset", default="mnist", choices=DATASETS)
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--out", default="dense.pt")
-    _add_protocol_args(tr, train=50_000, retrain=0)
-    tr.set_defaults(func=cmd_train)
+    tr = command("train", cmd_train)
+    tr.add_argument("--model", default="fcn", choices=model_names(), help="architecture")
+    tr.add_argument("--dataset", default="mnist", choices=DATASETS, help="dataset")
+    tr.add_argument("--seed", type=int, default=0, help="initialisation and batch-order seed")
+    tr.add_argument("--out", default="dense.pt", help="checkpoint to write")
+    _add_training_args(tr, train=50_000)
 
-    pr = sub.add_parser("prune", help=cmd_prune.__doc__, description=cmd_prune.__doc__)
+    pr = command("prune", cmd_prune)
     pr.add_argument("checkpoint", help="a checkpoint written by lap train")
-    pr.add_argument("--method", default="lap", help=METHOD_HELP)
+    pr.add_argument(
+        "--method", default="lap",
+        help=f"one method: {', '.join(sorted(SCORES))}, or e.g. lap-forward-seq",
+    )  # fmt: skip
     pr.add_argument("--keep", type=float, default=0.05, help="fraction of weights to keep")
-    pr.add_argument("--scope", default="layer", choices=["layer", "global"])
-    pr.add_argument("--graph", default="fx", choices=["fx", "sequential"])
-    pr.add_argument("--model", default="fcn", choices=model_names())
-    pr.add_argument("--dataset", default="mnist", choices=DATASETS)
-    pr.add_argument("--data-dir", default=None)
-    pr.add_argument("--device", default=None)
-    pr.set_defaults(func=cmd_prune)
+    pr.add_argument("--scope", default="layer", choices=["layer", "global"],
+                    help="keep per layer, or overall under one threshold")  # fmt: skip
+    pr.add_argument("--graph", default="fx", choices=["fx", "sequential"],
+                    help="neighbours from the traced graph, or from module order")  # fmt: skip
+    pr.add_argument("--model", default=None, choices=model_names(),
+                    help="architecture, for checkpoints that do not record it")  # fmt: skip
+    pr.add_argument("--dataset", default=None, choices=DATASETS,
+                    help="test data, for checkpoints that do not record it")  # fmt: skip
+    pr.add_argument("--out", default=None, help="save the pruned model here")
+    _add_data_args(pr)
     return parser
 
 

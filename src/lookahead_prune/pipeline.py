@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .data import ImageDataset
 from .engines import ENGINE_CHOICES, train_many
 from .graph import prunable_layers
 from .models import build_model, dense_layer_names
+from .progress import progress_bar
 from .prune import excluded_layers, prune
 from .schedule import kept_fraction, level_keep, paper_pq
 from .train import PRECISIONS, TrainConfig, evaluate, lr_at, paper_lr, train
@@ -363,9 +363,7 @@ class _GroupBar:
 
     def __init__(self, models: int, steps: int, *, enabled: bool) -> None:
         self.models = models
-        self.bar = tqdm(
-            total=steps, desc=f"retrain x{models}", unit="step", disable=not enabled, leave=False
-        )
+        self.bar = progress_bar(steps, f"retrain x{models}", "step", enabled=enabled, leave=False)
         self.start = time.perf_counter()
 
     def update(self, step: int, losses: torch.Tensor) -> None:

@@ -23,9 +23,12 @@ __all__ = [
     "DEFAULT_METHOD_ORDER",
     "Cell",
     "Summary",
+    "change_column",
+    "check_plot_path",
     "method_label",
     "method_order",
     "plot_accuracy",
+    "reportable",
     "rows_to_csv",
     "summarize",
     "to_csv",
@@ -183,6 +186,30 @@ def summarize(
     return Summary(metric, as_error, baseline, model_name, dataset_name, cells)
 
 
+def reportable(
+    rows: Iterable[Mapping[str, Any]], metric: str = "test_acc_retrained"
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Split rows into those :func:`summarize` can show and one line for each it cannot.
+
+    A table of a hundred good runs should not fail because one stored run has ``keep=0`` or
+    lacks the metric; the caller shows the good ones and lists the others.
+    """
+    good: list[dict[str, Any]] = []
+    problems: list[str] = []
+    for row in rows:
+        keep, acc, method = row.get("keep"), row.get(metric), row.get("method")
+        where = f"{method} level {row.get('level')} seed {row.get('seed')} (key {row.get('key')})"
+        if not _is_number(keep) or not 0 < keep <= 1:
+            problems.append(f"{where}: keep {keep!r} is not a fraction in (0, 1]")
+        elif not _is_number(acc) or not (math.isnan(acc) or 0 <= acc <= 1):
+            problems.append(f"{where}: {metric} {acc!r} is not an accuracy")
+        elif not isinstance(method, str):
+            problems.append(f"{where}: method {method!r} is not a name")
+        else:
+            good.append(dict(row))
+    return good, problems
+
+
 def _required(row: Mapping[str, Any], name: str) -> Any:
     if row.get(name) is None:
         where = {k: row.get(k) for k in ("method", "keep", "seed") if k in row}
@@ -226,11 +253,18 @@ def _caption(summary: Summary) -> str:
     subject = " of ".join(filter(None, [text, summary.model]))
     subject += f" on {summary.dataset}" if summary.dataset else ""
     ns = sorted({cell.n for cell in summary.cells.values()})
-    seeds = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+    if ns == [1]:
+        spread = "1 seed"
+    else:
+        seeds = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+        spread = f"mean±std over {seeds} seeds (one seed: no ±)"
+    quantity = "error" if summary.as_error else "accuracy"
+    better = "fewer errors" if summary.as_error else "higher accuracy"
+    sign = "negative" if summary.as_error else "positive"
     return (
-        f"{subject[0].upper()}{subject[1:]}; mean±std over {seeds} seeds. Columns are % of "
-        f"weights remaining; bracketed numbers are relative changes vs "
-        f"{method_label(summary.baseline)} at the same keep fraction."
+        f"{subject[0].upper()}{subject[1:]}; {spread}. Columns are % of weights remaining; "
+        f"bracketed numbers are the relative change in {quantity} vs "
+        f"{method_label(summary.baseline)} at the same keep fraction ({sign}: {better})."
     )
 
 
@@ -260,7 +294,9 @@ def to_markdown(
             if cell is None:
                 cells.append("—")
                 continue
-            text = f"{cell.mean:.{decimals}f}±{cell.std:.{decimals}f}"
+            text = f"{cell.mean:.{decimals}f}"
+            if cell.n > 1:
+                text += f"±{cell.std:.{decimals}f}"
             gain = summary.gain(method, keep)
             if gain is not None:
                 text += f" ({gain:+.{decimals}f}%)"
@@ -270,17 +306,27 @@ def to_markdown(
     return "\n".join(lines) + "\n"
 
 
+CSV_DECIMALS = 4
+"""Decimals of the percentages in :func:`to_csv` (far below any seed-to-seed spread)."""
+
+
+def change_column(summary: Summary) -> str:
+    """CSV name of the relative-change column; it says what a positive value means."""
+    quantity = "error" if summary.as_error else "accuracy"
+    return f"{quantity}_change_vs_{summary.baseline}_percent"
+
+
 def to_csv(summary: Summary, *, methods: Sequence[str] | None = None) -> str:
     """Long-format CSV of a summary, one line per (method, keep), for spreadsheets and plots.
 
-    Columns: method, keep_percent, n_seeds, mean, std, gain_vs_baseline_percent (empty when
-    undefined).
+    Columns: method, keep_percent, n_seeds, mean, std (empty for one seed), and the relative
+    change vs the baseline, named by :func:`change_column` (``error_change_vs_mp_percent``:
+    positive means more errors than MP; empty when undefined). Rounded to 4 decimals.
     """
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(
-        ["method", "keep_percent", "n_seeds", "mean", "std", "gain_vs_baseline_percent"]
-    )
+    writer.writerow(["method", "keep_percent", "n_seeds", "mean", "std", change_column(summary)])
+    rounded = lambda value: round(value, CSV_DECIMALS)  # noqa: E731
     for method in _rows_in_order(summary, methods):
         for keep in summary.keeps:
             cell = summary.cell(method, keep)
@@ -292,9 +338,9 @@ def to_csv(summary: Summary, *, methods: Sequence[str] | None = None) -> str:
                     method,
                     float(f"{100 * keep:.{_KEEP_DIGITS}g}"),
                     cell.n,
-                    cell.mean,
-                    cell.std,
-                    "" if gain is None else gain,
+                    rounded(cell.mean),
+                    rounded(cell.std) if cell.n > 1 else "",
+                    "" if gain is None else rounded(gain),
                 ]
             )
     return out.getvalue()
@@ -323,6 +369,15 @@ def _csv_value(value: Any) -> Any:
     return value
 
 
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def check_plot_path(path: str | Path) -> None:
+    """Refuse a plot file name whose format matplotlib is not asked to write here."""
+    if Path(path).suffix.lower() not in PLOT_SUFFIXES:
+        raise ValueError(f"plot path must end in .png, .svg or .pdf, got {Path(path).name!r}")
+
+
 def plot_accuracy(
     rows: Iterable[Mapping[str, Any]],
     path: str | Path,
@@ -342,8 +397,7 @@ def plot_accuracy(
     from matplotlib.ticker import NullLocator
 
     path = Path(path)
-    if path.suffix.lower() not in (".png", ".svg"):
-        raise ValueError(f"plot path must end in .png or .svg, got {path.name!r}")
+    check_plot_path(path)
     metrics = list(metrics)
     if not metrics:
         raise ValueError("plot_accuracy needs at least one metric")

@@ -18,13 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
-from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import ImageDataset, load_dataset
+from .data import DATASETS, ImageDataset, load_dataset
+from .data.sources import SOURCES
 from .graph import prunable_layers
 from .mlp_chain import mlp_chain_or_none
-from .models import build_model
+from .models import build_model, dense_layer_names
 from .pipeline import (
     DenseModel,
     LevelResult,
@@ -34,7 +34,9 @@ from .pipeline import (
     prune_and_retrain_many,
     train_dense,
 )
+from .progress import progress_bar
 from .prune import excluded_layers, parse_method
+from .schedule import level_keep
 from .store import RunStore, code_version, config_hash
 from .train import pick_device
 
@@ -58,10 +60,39 @@ class Sweep:
                 raise ValueError(f"a sweep needs at least one entry in {name}")
         for method in self.methods:
             parse_method(method)  # fail before any training on an unknown method
-        for model in self.models if self.protocol.exclude else ():  # and on a mistyped pattern
-            excluded_layers(prunable_layers(build_model(model)), self.protocol.exclude)
         if any(isinstance(lv, bool) or not isinstance(lv, int) or lv < 0 for lv in self.levels):
             raise ValueError(f"levels must be non-negative integers, got {list(self.levels)}")
+        unknown = [d for d in self.datasets if d not in DATASETS]
+        if unknown:
+            raise ValueError(f"unknown dataset(s) {unknown}; known datasets: {', '.join(DATASETS)}")
+        for model in self.models:  # names, exclude patterns and levels, before anything runs
+            for dataset in self.datasets:
+                self._check_levels(replace(self.protocol, model=model, dataset=dataset))
+
+    def _check_levels(self, protocol: Protocol) -> None:
+        """Refuse a level that leaves some pruned layer with no weight at all.
+
+        Such a run stores ``keep=0``, which no table can show; with ``scope="global"`` the
+        budget is shared, so only the overall count must stay positive.
+        """
+        c, size, _ = SOURCES[protocol.dataset].input_shape
+        net = build_model(
+            protocol.model, in_channels=c, image_size=size, activation=protocol.activation
+        )
+        layers = prunable_layers(net)
+        dense = dense_layer_names(net) + tuple(excluded_layers(layers, protocol.exclude))
+        p, q = protocol.pq
+        for level in self.levels:
+            keep = level_keep(net, level, p, q, dense=dense)
+            counts = {n: round(k * layers[n].weight.numel()) for n, k in keep.items()}
+            empty = [n for n, kept in counts.items() if kept == 0]
+            if protocol.scope == "global" and sum(counts.values()) > 0:
+                empty = []
+            if empty:
+                raise ValueError(
+                    f"level {level} keeps no weight of {protocol.model} layer(s) {empty} "
+                    f"(keep {min(keep[n] for n in empty):.2e}); use a lower level"
+                )
 
     def protocols(self) -> list[Protocol]:
         """One protocol per (model, dataset, seed): each trains one dense model."""
@@ -243,39 +274,41 @@ def run_sweep(
     stats = SweepStats()
     datasets: dict[tuple[str, int | None], ImageDataset] = {}
     with RunStore(db) as store:
-        bar = tqdm(total=sweep.size(), disable=not progress, desc="runs", unit="run")
+        bar = progress_bar(sweep.size(), "runs", "run", enabled=progress)
         runner = _Runner(
             store, bar, stats, dev, code_version(), workdir, batch_models, sorted(sweep.levels),
             progress,
         )  # fmt: skip
-        for protocol in sweep.protocols():
-            plan = [(m, lv) for m in sweep.methods for lv in sorted(sweep.levels)]
-            todo = [
-                job for job in plan if not store.has(config_hash(runner.config(protocol, *job)))
-            ]
-            if not todo:
-                runner.skip(len(plan))
-                continue
-            data_key = (protocol.dataset, protocol.subset)
-            if data_key not in datasets:
-                datasets[data_key] = load_dataset(
-                    protocol.dataset, data_dir, device=dev, subset=protocol.subset
-                )
-            data = datasets[data_key]
-            t0 = time.perf_counter()
-            dense, trained = get_dense(protocol, data, workdir, progress=progress)
-            if trained:
-                stats.dense_trained += 1
-                log(
-                    f"dense {protocol.model}/{protocol.dataset} seed {protocol.seed}: "
-                    f"test acc {100 * dense.test_acc:.2f}% ({time.perf_counter() - t0:.1f}s)"
-                )
-            if protocol.mode == "oneshot":
-                runner.skip(len(plan) - len(todo))
-                runner.oneshot(protocol, dense, data, todo)
-            else:
-                runner.iterative(protocol, dense, data, sweep.methods, sweep.levels)
-        bar.close()
+        try:  # the bar closes before any error is printed, so the two never share a line
+            for protocol in sweep.protocols():
+                plan = [(m, lv) for m in sweep.methods for lv in sorted(sweep.levels)]
+                todo = [
+                    job for job in plan if not store.has(config_hash(runner.config(protocol, *job)))
+                ]
+                if not todo:
+                    runner.skip(len(plan))
+                    continue
+                data_key = (protocol.dataset, protocol.subset)
+                if data_key not in datasets:
+                    datasets[data_key] = load_dataset(
+                        protocol.dataset, data_dir, device=dev, subset=protocol.subset
+                    )
+                data = datasets[data_key]
+                t0 = time.perf_counter()
+                dense, trained = get_dense(protocol, data, workdir, progress=progress)
+                if trained:
+                    stats.dense_trained += 1
+                    log(
+                        f"dense {protocol.model}/{protocol.dataset} seed {protocol.seed}: "
+                        f"test acc {100 * dense.test_acc:.2f}% ({time.perf_counter() - t0:.1f}s)"
+                    )
+                if protocol.mode == "oneshot":
+                    runner.skip(len(plan) - len(todo))
+                    runner.oneshot(protocol, dense, data, todo)
+                else:
+                    runner.iterative(protocol, dense, data, sweep.methods, sweep.levels)
+        finally:
+            bar.close()
     stats.wall_time = time.perf_counter() - start
     return stats
 

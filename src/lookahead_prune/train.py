@@ -18,10 +18,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .data import BatchStream, iterate_eval
 from .hookless import HooklessMasks, apply_masks, mask_pairs
+from .progress import progress_bar
 
 __all__ = [
     "OPTIMIZERS",
@@ -253,7 +253,7 @@ def train(
     tail_start = config.steps - min(LOSS_WINDOW, config.steps)
     tail: list[Tensor] = []
     modes = _module_modes(model)
-    bar = tqdm(total=config.steps, desc="train", unit="step", disable=not progress, leave=False)
+    bar = progress_bar(config.steps, "train", "step", enabled=progress, leave=False)
     try:
         hookless.engage()
         trainable = [p for p in model.parameters() if p.requires_grad]
