@@ -151,3 +151,25 @@ def test_save_rejects_non_mapping(tmp_path: Path) -> None:
         save_checkpoint(tmp_path / "x.pt", [1, 2])  # type: ignore[arg-type]
     with pytest.raises(IsADirectoryError):
         save_checkpoint(tmp_path, {"a": 1})
+
+
+def test_a_flipped_bit_is_caught_before_anything_uses_the_weights(tmp_path: Path) -> None:
+    path = tmp_path / "dense.pt"
+    save_checkpoint(path, {"state": {"w": torch.randn(300, 300)}, "test_acc": 0.98})
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40  # inside the tensor bytes: torch.load alone would accept it
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="CRC-32") as info:
+        load_checkpoint(path)
+    assert "delete the file" in str(info.value)  # a cache file the sweep can recompute
+    with pytest.raises(CheckpointError, match="CRC-32") as info:
+        load_checkpoint(path, cache=False)
+    assert "delete" not in str(info.value)  # a user's file: say what is wrong, nothing more
+
+
+def test_a_legacy_pickle_checkpoint_is_refused_as_unsafe_not_corrupt(tmp_path: Path) -> None:
+    path = tmp_path / "legacy.pt"
+    torch.save({"w": torch.ones(2)}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(UnsafeCheckpointError, match="legacy pickle") as info:
+        load_checkpoint(path)
+    assert "weights_only=False" not in str(info.value) and "corrupt" not in str(info.value)

@@ -7,6 +7,7 @@ import contextlib
 import os
 import pickle
 import tempfile
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,7 @@ def load_checkpoint(
         raise CheckpointError(
             f"{path} is {kind}, not a checkpoint (write one with `lap train --out FILE`)"
         )
+    _verify_archive(path, cache)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -105,6 +107,33 @@ def load_checkpoint(
             f"checkpoint {path} holds a {type(state).__name__}, not a dict{advice}"
         )
     return state
+
+
+def _verify_archive(path: Path, cache: bool) -> None:
+    """Check every member of the zip archive against its stored CRC-32 before unpickling.
+
+    ``torch.load`` itself reads damaged tensor bytes without complaint: a flipped bit in a
+    dense checkpoint would be retrained and stored as a genuine-looking result. A file that
+    is not a zip archive (torch's legacy pickle format, or anything else) is refused too:
+    only the zip format can be checked and loaded weights-only by every torch we support.
+    """
+    if not zipfile.is_zipfile(path):
+        with path.open("rb") as handle:
+            head = handle.read(2)
+        if head[:1] == b"\x80":  # a pickle stream: torch's legacy format
+            raise UnsafeCheckpointError(
+                f"refusing {path}: it is a legacy pickle checkpoint, not PyTorch's zip "
+                "format, so it cannot be verified or loaded safely"
+            )
+        what = "a truncated zip archive" if head == b"PK" else "not a zip archive"
+        raise _corrupt(path, ValueError(what), cache)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        raise _corrupt(path, err, cache) from err
+    if bad is not None:
+        raise _corrupt(path, ValueError(f"member {bad!r} fails its CRC-32 check"), cache)
 
 
 _MAGIC = {

@@ -237,15 +237,26 @@ def _keys(sweep: Sweep) -> set[str]:
     }
 
 
-def _as_list(value: Any, key: str) -> list[Any]:
-    """A TOML value that may be a list, one scalar, or a comma-separated string."""
+def _as_list(value: Any, key: str, kind: type = str) -> list[Any]:
+    """A TOML value that may be a list, one scalar, or a comma-separated string; each item
+    must be a ``kind`` (no bool for int, no float for int), or the key is named in the error."""
     if isinstance(value, str):
-        return _split(value)
-    if isinstance(value, list | tuple):
-        return list(value)
-    if isinstance(value, dict):
+        items: list[Any] = _split(value)
+        if kind is int:
+            return _seeds(value, flag=key) if key == "seeds" else levels_from(value)
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    elif isinstance(value, dict):
         raise ValueError(f"TOML key {key!r} must be a list or a string, not a table")
-    return [value]
+    else:
+        items = [value]
+    for item in items:
+        if not isinstance(item, kind) or isinstance(item, bool):
+            raise ValueError(
+                f"TOML key {key!r} must hold {kind.__name__} values, not {item!r} "
+                f"({type(item).__name__})"
+            )
+    return items
 
 
 def _changed_sweep_flags(args: argparse.Namespace) -> list[str]:
@@ -297,13 +308,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             )
         proto_fields = {k: v for k, v in cfg.items() if k in {f.name for f in fields(Protocol)}}
         template = Protocol(**({"model": "fcn", "dataset": "mnist"} | proto_fields))
+        for key in ("db", "data_dir", "device"):
+            if key in cfg and not isinstance(cfg[key], str):
+                raise ValueError(f"TOML key {key!r} must be a string, not {cfg[key]!r}")
         sweep = Sweep(
             template,
             _as_list(cfg.get("models", [template.model]), "models"),
             _as_list(cfg.get("datasets", [template.dataset]), "datasets"),
             _as_list(cfg["methods"], "methods"),
-            levels_from(cfg["levels"]),
-            [int(v) for v in _as_list(cfg.get("seeds", [0]), "seeds")],
+            _as_list(cfg["levels"], "levels", int),
+            _as_list(cfg.get("seeds", [0]), "seeds", int),
         )
         db = cfg.get("db", args.db)
         data_dir, device = cfg.get("data_dir", args.data_dir), cfg.get("device", args.device)

@@ -20,10 +20,20 @@ from .data import ImageDataset
 from .engines import ENGINE_CHOICES, train_many
 from .graph import prunable_layers
 from .models import build_model, dense_layer_names
+from .models.activations import ACTIVATIONS
 from .progress import progress_bar
-from .prune import excluded_layers, prune
+from .prune import canonical_method, excluded_layers, prune
 from .schedule import kept_fraction, level_keep, paper_pq
-from .train import PRECISIONS, TrainConfig, evaluate, lr_at, paper_lr, train
+from .train import (
+    OPTIMIZERS,
+    PRECISIONS,
+    SCHEDULES,
+    TrainConfig,
+    evaluate,
+    lr_at,
+    paper_lr,
+    train,
+)
 
 RETRAIN_MODES = ("finetune", "rewind-weights", "rewind-lr", "lottery")
 PRUNE_MODES = ("oneshot", "iterative")
@@ -35,6 +45,33 @@ RUNTIME = {"runtime": True}
 """Field metadata: how the computation runs (memory layout, compilation), not what it computes;
 never part of a run's key."""
 TRAIN_EVAL_EXAMPLES = 10_000  # train accuracy (Appendix B) is measured on this many examples
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+_FIELD_TYPES: dict[str, tuple[Any, str]] = {
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "int": (_is_int, "an integer"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "int | None": (lambda v: v is None or _is_int(v), "an integer"),
+    "float | None": (lambda v: v is None or _is_number(v), "a number"),
+    "float": (_is_number, "a number"),
+    "tuple[str, ...]": (
+        lambda v: (
+            isinstance(v, str)
+            or (isinstance(v, list | tuple) and all(isinstance(x, str) for x in v))
+        ),
+        "a list of strings",
+    ),
+}
+"""How each :class:`Protocol` field's annotation is checked (TOML and the library alike)."""
+GRAPH_MODES = ("fx", "sequential")
 
 
 @dataclass(frozen=True)
@@ -69,6 +106,18 @@ class Protocol:
     engine: str = field(default="auto", metadata=RUNTIME)  # how retraining groups compute
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # strict types first: "no" is not False, 2.7 is not a level
+            check, wanted = _FIELD_TYPES[str(f.type)]
+            if not check(getattr(self, f.name)):
+                raise ValueError(f"{f.name} must be {wanted}, not {getattr(self, f.name)!r}")
+        for name, allowed in (("activation", tuple(ACTIVATIONS)), ("graph", GRAPH_MODES),
+                              ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):  # fmt: skip
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
+        for name in ("batch_size", "subset"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, not {value!r}")
         if isinstance(self.exclude, str):
             raise ValueError(f"exclude must be a list of patterns, not the string {self.exclude!r}")
         object.__setattr__(self, "exclude", tuple(sorted(set(self.exclude))))  # order-free key
@@ -151,7 +200,7 @@ class Protocol:
             self._key_fields()
             | {"lr": self.learning_rate, "p": p, "q": q, "rewind_step": self.rewind_key}
             | {
-                "method": method,
+                "method": canonical_method(method),  # aliases share one key
                 "level": level,
             }
         )

@@ -41,6 +41,20 @@ class MethodSpec:
     order: str
     steps: int
 
+    @property
+    def name(self) -> str:
+        """The one canonical spelling (``lap``, ``lap-forward-seq``; steps other than 1 and 5
+        have no name and show as ``-steps3``), so aliases share one run key."""
+        name = self.score + ("" if self.order == "base" else f"-{self.order}")
+        if self.steps == SEQ_STEPS:
+            return name + "-seq"
+        return name if self.steps == 1 else f"{name}-steps{self.steps}"
+
+
+def canonical_method(method: str) -> str:
+    """``LAP``, ``lap-base`` and ``Lap-Base`` all become ``lap``; unknown names raise."""
+    return parse_method(method).name
+
 
 def parse_method(method: str, order: str | None = None, steps: int | None = None) -> MethodSpec:
     """Resolve shorthands like ``lap-forward-seq`` into (score ``lap``, order, 5 steps)."""
@@ -261,6 +275,31 @@ def _normalised(scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def _refuse_tied_weights(
+    model: nn.Module, modules: Mapping[str, nn.Module], targets: Iterable[str]
+) -> None:
+    """Refuse to prune a weight that several places share (tied embeddings, reused layers).
+
+    A mask lives on one module; the other users of the same Parameter would keep reading the
+    unmasked tensor, so the tie would break silently and the kept counts would be wrong.
+    """
+    users: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        users.setdefault(param.data_ptr(), []).append(name)
+    for name in targets:
+        module = modules[name]
+        weight = getattr(module, "weight_orig", None)
+        weight = weight if isinstance(weight, Tensor) else module.weight
+        shared = sorted(set(users.get(weight.data_ptr(), [])))
+        own = {f"{name}.{attr}" if name else attr for attr in ("weight", "weight_orig")}
+        others = [n for n in shared if n not in own]
+        if others:
+            raise ValueError(
+                f"layer '{name}' shares its weight with {others} (tied parameters): one mask "
+                f"cannot keep the tie; untie them or pass exclude=['{name}'] to leave it dense"
+            )
+
+
 def compute_masks(
     model: nn.Module,
     method: str = "lap",
@@ -290,6 +329,7 @@ def compute_masks(
     if asked & skip:
         raise ValueError(f"layers {sorted(asked & skip)} are both excluded and asked to be pruned")
     targets = {n: v for n, v in targets.items() if n not in skip}
+    _refuse_tied_weights(model, modules, targets)
     if scope == "global":
         if isinstance(keep, Mapping):
             raise ValueError("scope='global' takes one overall keep fraction, not a dict")

@@ -35,7 +35,7 @@ from .pipeline import (
     train_dense,
 )
 from .progress import progress_bar
-from .prune import excluded_layers, parse_method
+from .prune import canonical_method, excluded_layers
 from .schedule import level_keep
 from .store import RunStore, code_version, config_hash
 from .train import pick_device
@@ -53,13 +53,13 @@ class Sweep:
     seeds: Sequence[int]
 
     def __post_init__(self) -> None:
+        methods = [canonical_method(m) for m in self.methods]  # LAP, lap-base -> lap
+        object.__setattr__(self, "methods", methods)
         for name in ("models", "datasets", "methods", "levels", "seeds"):  # keep order, no repeats
             object.__setattr__(self, name, list(dict.fromkeys(getattr(self, name))))
         for name in ("models", "datasets", "methods", "levels", "seeds"):
             if not getattr(self, name):
                 raise ValueError(f"a sweep needs at least one entry in {name}")
-        for method in self.methods:
-            parse_method(method)  # fail before any training on an unknown method
         if any(isinstance(lv, bool) or not isinstance(lv, int) or lv < 0 for lv in self.levels):
             raise ValueError(f"levels must be non-negative integers, got {list(self.levels)}")
         unknown = [d for d in self.datasets if d not in DATASETS]
