@@ -95,24 +95,15 @@ def test_sparse_group_of_linear_nets_matches_separate_runs_float64():
 
 
 def test_sparse_group_matches_in_float32():
-    """Within 1e-5, save the few weights whose gradient is near Adam's eps.
+    """float32 to 1e-5 after 3 steps, with SGD.
 
-    Adam's first updates are lr * g / (|g| + 1e-8): where g itself is ~1e-8 (a sum of 60
-    terms that cancel), float32 rounding of g moves the update by a few percent of lr.
-    Both trainers round; neither is wrong. Everything else agrees to 1e-5.
+    With Adam the first updates are lr * g / (|g| + 1e-8): where g is ~1e-8 (a sum of 60
+    terms that cancel), float32 rounding moves the step by a sizeable part of lr, by an
+    amount that depends on the CPU's kernels. Both trainers round and neither is wrong; the
+    float64 tests above check Adam to 1e-9. SGD passes rounding through smoothly.
     """
-    x, y = _data(dtype=torch.float32)
-    config = TrainConfig(steps=3, lr=1.2e-3)
-    jobs = JOBS[:4]  # at 0.1% a bias's gradient can be exactly 0 up to rounding: see float64
-    reference, grouped = _pruned("fcn", jobs, torch.float32), _pruned("fcn", jobs, torch.float32)
-    for model in reference:
-        train(model, x, y, config)
-    train_many(grouped, x, y, config, engine="sparse")
-    for ref, ours in zip(reference, grouped, strict=True):
-        for key, want in ref.state_dict().items():
-            diff = (want - ours.state_dict()[key]).abs()
-            assert diff.max() < 0.05 * config.lr
-            assert int((diff > 1e-5).sum()) <= max(2, diff.numel() // 10_000)
+    config = TrainConfig(steps=3, lr=0.05, optimizer="sgd", momentum=0.9)
+    _check_equal("fcn", JOBS, config, 1e-5, dtype=torch.float32)
 
 
 def test_sparse_group_follows_schedule_weight_decay_and_sgd():
@@ -154,25 +145,25 @@ def test_unpruned_and_partly_pruned_models_train_too():
 
 
 def test_auto_mixes_engines_and_keeps_the_input_order():
-    x, y = _data(dtype=torch.float32)
+    x, y = _data()
     jobs = [("lap", 0.5), ("lap", 0.01), ("mp", 0.9), ("mp", 0.01)]
-    models = _pruned("fcn", jobs, torch.float32, hidden=(30, 30))
+    models = _pruned("fcn", jobs, hidden=(30, 30))
     names = choose_engine(models, x, TrainConfig(steps=2, lr=1e-3))
     expected = ["sparse" if density(m) <= SPARSE_MAX_DENSITY else "sequential" for m in models]
     assert names == expected == ["sequential", "sparse", "sequential", "sparse"]
-    reference = _pruned("fcn", jobs, torch.float32, hidden=(30, 30))
+    reference = _pruned("fcn", jobs, hidden=(30, 30))
     config = TrainConfig(steps=3, lr=1e-2)
     results = train_many(models, x, y, config)
     assert [r.engine for r in results] == names
     for ref, ours, result in zip(reference, models, results, strict=True):
         want = train(ref, x, y, config)
-        assert _max_diff(ref, ours) < 1e-5
-        assert abs(want.final_loss - result.final_loss) < 1e-5
+        assert _max_diff(ref, ours) < 1e-9
+        assert abs(want.final_loss - result.final_loss) < 1e-6
 
 
 def test_sequential_engine_is_train():
-    x, y = _data(dtype=torch.float32)
-    a, b = _pruned("fcn", [("lap", 0.3)] * 2, torch.float32, hidden=(16,))
+    x, y = _data()
+    a, b = _pruned("fcn", [("lap", 0.3)] * 2, hidden=(16,))
     config = TrainConfig(steps=3, lr=1e-2)
     train(a, x, y, config)
     (result,) = train_many([b], x, y, config, engine="sequential")
@@ -233,12 +224,12 @@ def test_sparse_engine_refuses_bf16_and_mixed_architectures():
 def test_functional_activations_and_view_form_a_chain():
     steps = mlp_chain(_Functional())
     assert [s.kind for s in steps] == ["linear", "act", "linear"]
-    x, y = _data(dtype=torch.float32)
-    a, b = _Functional(), _Functional()
+    x, y = _data()
+    a, b = _Functional().double(), _Functional().double()
     b.load_state_dict(a.state_dict())
     lp.prune(a, "lap", 0.2)
     lp.prune(b, "lap", 0.2)
     config = TrainConfig(steps=3, lr=1e-2)
     train(a, x, y, config)
     train_many([b], x, y, config, engine="sparse")
-    assert _max_diff(a, b) < 1e-5
+    assert _max_diff(a, b) < 1e-9

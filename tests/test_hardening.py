@@ -80,7 +80,7 @@ def test_method_aliases_share_one_run_key():
     ("line", "message"),
     [
         ('bn = "no"', "bn must be true or false"),
-        ("compile = \"yes\"", "compile must be true or false"),
+        ('compile = "yes"', "compile must be true or false"),
         ("levels = [2.7]", "'levels' must hold int"),
         ("levels = [true]", "'levels' must hold int"),
         ("levels = [[2]]", "'levels' must hold int"),
@@ -105,3 +105,61 @@ def test_toml_fields_are_checked_strictly_before_any_work(tmp_path, capsys, line
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.toml"]
+
+
+def test_report_reads_without_writing_and_leaves_other_sqlite_files_alone(tmp_path, capsys):
+    import sqlite3
+
+    db = tmp_path / "r.sqlite"
+    assert _sweep(db, "4") == 0
+    with sqlite3.connect(db) as conn:  # fold the WAL in, so the file alone holds everything
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    before = db.read_bytes()
+    capsys.readouterr()
+    assert main(["report", "--db", str(db)]) == 0
+    assert "MP" in capsys.readouterr().out and db.read_bytes() == before
+    other = tmp_path / "other.sqlite"  # another program's database, in rollback-journal mode
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE notes (x)")
+    assert main(["report", "--db", str(other)]) == 2
+    assert "not a lookahead-prune results store" in capsys.readouterr().err
+    with sqlite3.connect(other) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    with pytest.raises(Exception, match="other tables"):  # writing opens refuse it too...
+        RunStore(other)
+    with sqlite3.connect(other) as conn:  # ...before switching it to WAL
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    garbage = tmp_path / "junk.sqlite"
+    garbage.write_bytes(b"x" * 4096)
+    assert main(["report", "--db", str(garbage)]) == 2
+    assert "not a usable SQLite results file" in capsys.readouterr().err
+
+
+def test_a_layer_pruned_to_nothing_is_named_in_a_warning():
+    model = nn.Sequential(nn.Linear(50, 20), nn.ReLU(), nn.Linear(20, 2))
+    with pytest.warns(UserWarning, match=r"layers \['2'\] keep no weight"):
+        lp.prune(model, "mp", {"0": 0.5, "2": 0.01})  # round(0.01 * 40) = 0
+
+
+def test_prune_under_inference_mode_is_refused_before_touching_the_model():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.inference_mode(), pytest.raises(ValueError, match="inference_mode"):
+        lp.prune(model, "lap", 0.5)
+    assert not hasattr(model[0], "weight_mask")
+    with torch.no_grad():
+        lp.prune(model, "lap", 0.5)  # no_grad is fine, and training afterwards works
+    x, y = torch.randn(12, 8), torch.randint(0, 2, (12,))
+    lp.train(model, x, y, lp.TrainConfig(steps=2, lr=1e-2, batch_size=6))
+
+
+def test_checkpoints_honour_the_umask(tmp_path):
+    import os
+
+    from lookahead_prune.checkpoint import save_checkpoint
+
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "a.pt", {"x": torch.ones(1)})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.pt").stat().st_mode & 0o777 == 0o644

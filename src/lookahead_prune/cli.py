@@ -356,7 +356,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.plot:
         check_plot_path(args.plot)  # before printing anything
     filters = {k: getattr(args, k) for k in ("model", "dataset") if getattr(args, k)}
-    with RunStore(args.db) as store:
+    with RunStore(args.db, read_only=True) as store:  # reads only: read-only mounts work
         rows = store.runs(**filters)
     if not rows:
         raise ValueError(f"{args.db} holds no runs matching {filters or 'anything'}")

@@ -433,7 +433,13 @@ def prune(
     module order like the official code. ``exclude`` (names or glob patterns) leaves layers
     unpruned and, with ``graph='sequential'``, out of the chain too, as the official code
     treats ResNet shortcuts. Masks are applied with ``torch.nn.utils.prune``.
+    A layer left with no weight at all gets a warning that names it.
     """
+    if torch.is_inference_mode_enabled():
+        raise ValueError(
+            "prune() was called under torch.inference_mode(): its masks would be inference "
+            "tensors that training can never use; call it outside (torch.no_grad() is fine)"
+        )
     masks, spec = compute_masks(
         model,
         method,
@@ -457,6 +463,13 @@ def prune(
         mask = current_mask(module)
         kind = "linear" if isinstance(module, nn.Linear) else "conv"
         results.append(LayerResult(name, kind, tuple(mask.shape), mask.numel(), int(mask.sum())))
+    emptied = [r.name for r in results if r.kept == 0 and r.name in masks]
+    if emptied:
+        warnings.warn(
+            f"layers {emptied} keep no weight at all (keep too small for their size): the "
+            "network is cut there and its output no longer depends on the input",
+            stacklevel=2,
+        )
     return PruneReport(spec.score, spec.order, spec.steps, scope, tuple(results))
 
 

@@ -177,23 +177,63 @@ class RunStore:
     then the meta columns ``key``, ``wall_time``, ``code_version``, ``created_at``.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
         self.path = Path(path)
+        self.read_only = read_only
         if self.path.is_dir():
             raise StoreError(f"{self.path} is a directory, not a results file")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves.
-        self._conn: sqlite3.Connection | None = sqlite3.connect(
-            self.path, timeout=30.0, isolation_level=None
-        )
+        self._conn: sqlite3.Connection | None = None
+        if read_only:
+            self._conn = self._connect_read_only()
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves.
+            self._conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
         try:
-            self._open()
+            self._check_foreign()
+            if not read_only:
+                self._open()
         except sqlite3.DatabaseError as err:
             self.close()
             raise StoreError(f"{self.path} is not a usable SQLite results file: {err}") from err
         except BaseException:
             self.close()
             raise
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """Open for reading without writing a byte: works on read-only mounts and never
+        changes the journal mode of a file that is not ours."""
+        if not self.path.is_file():
+            raise StoreError(f"no results database at {self.path}")
+        uri = self.path.resolve().as_uri()
+        for mode in ("mode=ro", "immutable=1"):  # immutable: a WAL file on a read-only mount
+            try:
+                conn = sqlite3.connect(f"{uri}?{mode}", uri=True, timeout=30.0)
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                return conn
+            except sqlite3.OperationalError as err:
+                failure: sqlite3.Error = err
+            except sqlite3.DatabaseError as err:
+                raise StoreError(f"{self.path} is not a usable SQLite results file: {err}") from err
+        raise StoreError(f"cannot read {self.path}: {failure}")
+
+    def _check_foreign(self) -> None:
+        """Refuse a newer schema or another program's SQLite file before changing anything."""
+        conn = self._db
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has results schema version {version}, newer than the "
+                f"{SCHEMA_VERSION} this lookahead-prune understands; upgrade lookahead-prune"
+            )
+        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if version == 0 and tables:
+            raise StoreError(
+                f"{self.path} is an SQLite file with other tables, not a "
+                "lookahead-prune results store; choose another path"
+            )
+        if self.read_only and version == 0:
+            raise StoreError(f"{self.path} is an empty SQLite file, not a results store")
 
     def _open(self) -> None:
         """Set durability pragmas and create or check the schema."""
@@ -266,6 +306,10 @@ class RunStore:
         row = cursor.fetchone()
         return None if row is None else self._flatten(row)
 
+    def _writable(self) -> None:
+        if self.read_only:
+            raise StoreError(f"the results store {self.path} was opened read-only")
+
     def put(
         self,
         config: Mapping[str, Any],
@@ -278,6 +322,7 @@ class RunStore:
 
         The existing row is never overwritten: a rerun of a sweep adds only missing runs.
         """
+        self._writable()
         config_json = _canonical_json(config)
         if not isinstance(result, Mapping):
             raise TypeError(f"result must be a mapping, got {type(result).__name__}")
