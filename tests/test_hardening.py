@@ -163,3 +163,101 @@ def test_checkpoints_honour_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "a.pt").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_full_disk_while_writing_a_checkpoint_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    from lookahead_prune import checkpoint
+    from lookahead_prune.checkpoint import CheckpointError, save_checkpoint
+
+    def full(*args, **kwargs):  # what torch raises when the disk fills mid-write
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing "
+            "file data/0: file write failed"
+        )
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: type("U", (), {"free": 0}))
+    with pytest.raises(CheckpointError, match="disk is full") as info:
+        save_checkpoint(tmp_path / "d.pt", {"x": torch.ones(1)})
+    assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []  # no temporary left behind
+
+    def enospc(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", enospc)
+    with pytest.raises(CheckpointError, match="disk is full"):
+        save_checkpoint(tmp_path / "d.pt", {"x": torch.ones(1)})
+
+
+def test_a_full_database_is_one_line_and_keeps_what_was_stored(tmp_path):
+    from lookahead_prune.store import StoreError
+
+    with RunStore(tmp_path / "r.sqlite") as store:
+        store.put({"a": 1}, {"keep": 0.5}, wall_time=1.0, code_version="x")
+        pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+        store._db.execute(f"PRAGMA max_page_count = {pages}")  # the "disk" is now full
+        big = {"blob": "x" * 100_000}
+        with pytest.raises(StoreError, match="full"):
+            store.put({"a": 2}, big, wall_time=1.0, code_version="x")
+        assert len(store) == 1
+
+
+def test_an_unwritable_checkpoint_folder_fails_before_any_training(tmp_path, capsys, monkeypatch):
+    import lookahead_prune.pipeline as pipeline
+    from lookahead_prune import sweep
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    trained = []
+    monkeypatch.setattr(sweep.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(pipeline, "train", lambda *a, **k: trained.append(1))
+    assert _sweep(tmp_path / "r.sqlite", "4") == 2
+    err = capsys.readouterr().err
+    assert "cannot write checkpoints" in err and "Permission denied" in err and not trained
+
+
+def test_a_dense_checkpoint_with_missing_keys_is_one_line(tmp_path, capsys):
+    from lookahead_prune.checkpoint import save_checkpoint
+
+    db = tmp_path / "r.sqlite"
+    assert _sweep(db, "4") == 0
+    (dense,) = (tmp_path / "r-checkpoints").glob("dense-*.pt")
+    save_checkpoint(dense, {"state": {}, "test_acc": 0.5})
+    capsys.readouterr()
+    assert _sweep(db, "5") == 2
+    err = capsys.readouterr().err
+    assert str(dense) in err and "delete the file" in err and err.count("\n") == 1
+
+
+def test_iterative_checkpoints_are_small_cleaned_and_never_needed_to_resume(tmp_path, capsys):
+    import time
+
+    db = tmp_path / "r.sqlite"
+    work = tmp_path / "r-checkpoints"
+    args = ["sweep", "--model", "fcn", "--methods", "lap", "--mode", "iterative",
+            "--db", str(db), *TINY]  # fmt: skip
+    assert main([*args, "--levels", "1,2"]) == 0
+    ckpts = sorted(work.glob("iter-*.pt"))
+    assert len(ckpts) == 2
+    state = torch.load(ckpts[0], weights_only=True)["state"]
+    assert state["fc1.weight_mask"].dtype == torch.bool
+    stale = work / ".dense-x.pt.abc.tmp"  # left by a writer killed mid-write long ago
+    stale.write_bytes(b"partial")
+    old = time.time() - 3600
+    import os
+
+    os.utime(stale, (old, old))
+    assert main(["clean", "--db", str(db)]) == 0
+    assert "0 file(s)" not in capsys.readouterr().out
+    assert not stale.exists() and len(list(work.glob("iter-*.pt"))) == 1  # level 1 went
+    for ckpt in work.glob("iter-*.pt"):  # even the last level's checkpoint lost:
+        ckpt.unlink()
+    assert main([*args, "--levels", "1,2,3"]) == 0  # the chain is recomputed, not stuck
+    out = capsys.readouterr().out
+    assert "1 runs done, 2 already stored" in out
+    with RunStore(db) as store:
+        assert len(store) == 3

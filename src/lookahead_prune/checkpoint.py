@@ -4,8 +4,10 @@ and loading never runs code hidden in the file (``torch.load(weights_only=True)`
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
@@ -39,7 +41,10 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
     if path.is_dir():
         raise IsADirectoryError(f"checkpoint path {path} is a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise CheckpointError(f"cannot write checkpoints in {path.parent}: {err.strerror}") from err
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(dict(state), handle)
@@ -47,11 +52,29 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
             os.fsync(handle.fileno())
         os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes 0600; honour the umask
         os.replace(tmp_name, path)
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise CheckpointError(f"could not write checkpoint {path}: {_why(err, path)}") from err
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
     _fsync_dir(path.parent)
+
+
+def _why(err: BaseException, path: Path) -> str:
+    """A one-line reason for a failed write, naming a full disk when that is what it was."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return "the disk is full; free space and rerun (finished runs are kept)"
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    if free is not None and free < 64 * 2**20:
+        return f"the disk is full ({free // 2**20} MiB free); free space and rerun"
+    return text
 
 
 def _umask() -> int:

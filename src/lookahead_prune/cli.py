@@ -1,4 +1,4 @@
-"""The ``lap`` command: demo, train, prune, sweep, report."""
+"""The ``lap`` command: demo, train, prune, sweep, report, clean."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from .report import (
 )
 from .scores import SCORES
 from .store import RunStore, StoreError, config_hash
-from .sweep import Sweep, levels_from, run_config, run_sweep
+from .sweep import Sweep, clean_checkpoints, levels_from, run_config, run_sweep
 from .train import evaluate, pick_device
 
 CSV_COLUMNS = [
@@ -436,6 +436,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_clean(args: argparse.Namespace) -> int:
+    """Delete checkpoints beside a results database that no resume needs (iterative levels
+    whose next level is stored, stale temporaries; dense models with --dense)."""
+    removed = clean_checkpoints(args.db, args.workdir, dense=args.dense, dry_run=args.dry_run)
+    size = sum(p.stat().st_size for p in removed if p.exists()) if args.dry_run else None
+    for path in removed:
+        print(("would remove " if args.dry_run else "removed ") + str(path))
+    tail = f" ({size / 1e6:.1f} MB)" if size is not None else ""
+    print(f"{len(removed)} file(s){tail}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``lap``."""
     parser = argparse.ArgumentParser(
@@ -509,6 +521,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="test data, for checkpoints that do not record it")  # fmt: skip
     pr.add_argument("--out", default=None, help="save the pruned model here")
     _add_data_args(pr)
+
+    cl = command("clean", cmd_clean)
+    cl.add_argument("--db", default="results.sqlite", help="results database of the sweep")
+    cl.add_argument("--workdir", default=None, help="checkpoint folder (None: <db>-checkpoints)")
+    cl.add_argument("--dense", action="store_true", help="also remove dense models")
+    cl.add_argument("--dry-run", action="store_true", help="list, do not delete")
     return parser
 
 

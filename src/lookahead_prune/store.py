@@ -363,11 +363,23 @@ class RunStore:
             )
             inserted = cursor.rowcount == 1
             conn.execute("COMMIT")
+        except sqlite3.OperationalError as err:  # disk full, read-only file, locked too long
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StoreError(
+                f"could not store a run in {self.path}: {err}; fix that and rerun (runs "
+                "already stored are kept, this one is recomputed)"
+            ) from err
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
         return inserted
+
+    def configs(self) -> list[tuple[str, dict[str, Any]]]:
+        """Every stored run's key and configuration (as hashed), in insertion order."""
+        rows = self._db.execute("SELECT key, config FROM runs ORDER BY rowid")
+        return [(key, json.loads(config)) for key, config in rows]
 
     def runs(self, **filters: Any) -> list[dict[str, Any]]:
         """Return stored runs (in insertion order) whose fields equal every filter.

@@ -9,9 +9,11 @@ checkpointed atomically beside the database and loaded with ``weights_only=True`
 from __future__ import annotations
 
 import itertools
+import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DATASETS, ImageDataset, load_dataset
 from .data.sources import SOURCES
 from .graph import prunable_layers
@@ -128,6 +130,12 @@ def get_dense(
     path = _dense_path(workdir, protocol)
     if path.exists():
         state = load_checkpoint(path)
+        wanted = {f.name for f in fields(DenseModel)}
+        if set(state) != wanted:
+            raise CheckpointError(
+                f"dense checkpoint {path} has keys {sorted(state)}, not {sorted(wanted)} "
+                "(written by another version?); delete the file and rerun to retrain it"
+            )
         return DenseModel(**state), False
     dense = train_dense(protocol, data, progress=progress)
     save_checkpoint(path, asdict(dense))
@@ -135,7 +143,11 @@ def get_dense(
 
 
 def _save_pruned(path: Path, model: nn.Module) -> None:
-    save_checkpoint(path, {"state": {k: v.cpu() for k, v in model.state_dict().items()}})
+    """A pruned model's state, masks as bool (1 byte per weight instead of 4)."""
+    state = {
+        k: (v.bool() if k.endswith("_mask") else v).cpu() for k, v in model.state_dict().items()
+    }
+    save_checkpoint(path, {"state": state})
 
 
 def _load_pruned(path: Path, model: nn.Module) -> nn.Module:
@@ -144,9 +156,84 @@ def _load_pruned(path: Path, model: nn.Module) -> nn.Module:
     for name, module in model.named_modules():
         mask = state.get(f"{name}.weight_mask" if name else "weight_mask")
         if mask is not None:
-            torch_prune.custom_from_mask(module, "weight", mask.to(module.weight.device))
-    model.load_state_dict(state)
+            mask = mask.to(module.weight.device, module.weight.dtype)
+            torch_prune.custom_from_mask(module, "weight", mask)
+    own = model.state_dict()
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
     return model
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` and prove a checkpoint can be written there, or raise one line."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".probe-", suffix=".tmp")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as err:
+        raise CheckpointError(
+            f"cannot write checkpoints in {folder}: {err.strerror or err}; choose a writable "
+            "folder (--db elsewhere) before any training starts"
+        ) from err
+
+
+STALE_TEMP_S = 600.0
+"""A checkpoint's temporary file older than this is left over from a killed writer."""
+
+
+def remove_stale_temporaries(workdir: Path) -> int:
+    """Delete ``.NAME.*.tmp`` files that a killed checkpoint write left behind; their count.
+
+    Only old ones: a concurrent sweep may be writing a fresh one right now.
+    """
+    removed = 0
+    now = time.time()
+    for tmp in workdir.glob(".*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > STALE_TEMP_S:
+                tmp.unlink()
+                removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def clean_checkpoints(
+    db: str | Path, workdir: str | Path | None = None, *, dense: bool = False,
+    dry_run: bool = False,
+) -> list[Path]:  # fmt: skip
+    """Delete checkpoints that no resume can need; the paths removed (or, dry, removable).
+
+    An iterative level's model is needed only to continue its chain: once the next level of
+    the same chain is stored, it goes. The last stored level of a chain stays, so a sweep
+    with more levels can still continue it. Dense models stay unless ``dense`` (a new sweep
+    over the same protocol would retrain them). Stale temporaries always go.
+    """
+    db = Path(db)
+    workdir = Path(workdir) if workdir is not None else db.with_name(db.stem + "-checkpoints")
+    if not workdir.is_dir():
+        return []
+    with RunStore(db, read_only=True) as store:
+        configs = [(k, c) for k, c in store.configs() if c.get("mode") == "iterative"]
+    chains: dict[str, list[tuple[list[int], str]]] = {}
+    for key, config in configs:
+        chain = {k: v for k, v in config.items() if k not in ("level", "path")}
+        chains.setdefault(repr(sorted(chain.items())), []).append((config.get("path", []), key))
+    removable = []
+    for members in chains.values():
+        for path, key in members:
+            extended = any(p[: len(path)] == path and len(p) > len(path) for p, _ in members)
+            ckpt = workdir / f"iter-{key}.pt"
+            if extended and ckpt.exists():
+                removable.append(ckpt)
+    if dense:
+        removable += sorted(workdir.glob("dense-*.pt"))
+    now = time.time()
+    removable += [t for t in workdir.glob(".*.tmp") if now - t.stat().st_mtime > STALE_TEMP_S]
+    if not dry_run:
+        for path in removable:
+            path.unlink(missing_ok=True)
+    return removable
 
 
 def run_config(
@@ -222,6 +309,36 @@ class _Runner:
             for job, result in zip(group, results, strict=True):
                 self.record(protocol, dense, job, result, wall)
 
+    def _resume_chain(
+        self, protocol: Protocol, dense: DenseModel, data: ImageDataset, method: str,
+        levels: list[int],
+    ) -> nn.Module:  # fmt: skip
+        """The model after the chain's stored levels, from the latest checkpoint that exists.
+
+        Levels stored in the database but whose checkpoints are gone (cleaned, lost) are
+        recomputed from the one before, without storing them again (they are deterministic
+        on CPU); a chain is never stuck behind rows it cannot continue from.
+        """
+        stored = []
+        for level in levels:
+            if not self.store.has(config_hash(self.config(protocol, method, level))):
+                break
+            stored.append(level)
+        self.skip(len(stored))
+        model, start = dense_model(protocol, dense, data), 0
+        for i in range(len(stored) - 1, -1, -1):
+            ckpt = self._ckpt(protocol, method, stored[i])
+            if ckpt.exists():
+                model, start = _load_pruned(ckpt, dense_model(protocol, dense, data)), i + 1
+                break
+        for level in stored[start:]:  # checkpoints missing: recompute, do not store again
+            prune_and_retrain(protocol, model, dense, data, method, level)
+            _save_pruned(self._ckpt(protocol, method, level), model)
+        return model
+
+    def _ckpt(self, protocol: Protocol, method: str, level: int) -> Path:
+        return self.workdir / f"iter-{config_hash(self.config(protocol, method, level))}.pt"
+
     def iterative(
         self, protocol: Protocol, dense: DenseModel, data: ImageDataset, methods: Sequence[str],
         levels: Sequence[int],
@@ -232,17 +349,13 @@ class _Runner:
             if all(self.store.has(k) for k in keys):
                 self.skip(len(keys))
                 continue
-            model = dense_model(protocol, dense, data)
+            model = self._resume_chain(protocol, dense, data, method, sorted(levels))
             for level in sorted(levels):
-                config = self.config(protocol, method, level)
-                ckpt = self.workdir / f"iter-{config_hash(config)}.pt"
-                if self.store.has(config_hash(config)):
-                    self.skip(1)
-                    model = _load_pruned(ckpt, dense_model(protocol, dense, data))
-                    continue
+                if self.store.has(config_hash(self.config(protocol, method, level))):
+                    continue  # counted by _resume_chain
                 start = time.perf_counter()
                 result = prune_and_retrain(protocol, model, dense, data, method, level)
-                _save_pruned(ckpt, model)
+                _save_pruned(self._ckpt(protocol, method, level), model)
                 self.record(protocol, dense, (method, level), result, time.perf_counter() - start)
 
 
@@ -269,7 +382,8 @@ def run_sweep(
     start = time.perf_counter()
     db = Path(db)
     workdir = Path(workdir) if workdir is not None else db.with_name(db.stem + "-checkpoints")
-    workdir.mkdir(parents=True, exist_ok=True)
+    check_writable(workdir)  # before hours of training, not after
+    remove_stale_temporaries(workdir)
     dev = pick_device(device)
     stats = SweepStats()
     datasets: dict[tuple[str, int | None], ImageDataset] = {}
