@@ -261,3 +261,55 @@ def test_iterative_checkpoints_are_small_cleaned_and_never_needed_to_resume(tmp_
     assert "1 runs done, 2 already stored" in out
     with RunStore(db) as store:
         assert len(store) == 3
+
+
+def test_two_sweeps_on_one_database_split_the_work_and_repeat_nothing(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    db = tmp_path / "r.sqlite"
+    cmd = [sys.executable, "-m", "lookahead_prune.cli", "sweep", "--model", "fcn",
+           "--methods", "mp,lap,rp", "--levels", "3,4", "--engine", "sequential",
+           "--db", str(db), *TINY]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    done = [int(o.split(" runs done")[0].split()[-1]) for o in outs]
+    dense = [int(o.split(" dense models trained")[0].split()[-1]) for o in outs]
+    assert sum(done) == 6 and sum(dense) == 1, outs  # every run computed once, dense once
+    with RunStore(db) as store:
+        assert len(store) == 6
+
+
+def test_a_dead_sweeps_claims_are_taken_over(tmp_path, monkeypatch, capsys):
+    import socket
+    import time
+
+    from lookahead_prune import claims, sweep
+    from lookahead_prune.pipeline import Protocol as P
+
+    db = tmp_path / "r.sqlite"
+    with RunStore(db):
+        pass
+    protocol = P(model="fcn", dataset="mnist", train_steps=20, retrain_steps=10, subset=600)
+    key = config_hash(protocol.run_config("mp", 4))
+    with claims.Claims(db) as live:  # a claim by a pid that no longer exists on this host
+        live._conn.execute(
+            "INSERT INTO claims VALUES (?, ?, ?)",
+            (key, f"{socket.gethostname()}:999999999:dead", time.time()),
+        )
+    # claims are dropped on close only for their own owner: the dead one's stays
+    other = "dense:" + config_hash(protocol.dense_config())
+    with claims.Claims(db) as c:  # a live claim from another machine, renewed just now...
+        c._conn.execute("INSERT INTO claims VALUES (?, ?, ?)", (other, "elsewhere:1:x", time.time()))
+    monkeypatch.setattr(claims, "STALE_S", 1.0)  # ...until it goes stale
+    monkeypatch.setattr(sweep, "POLL_S", 0.2)
+    assert _sweep(db, "4") == 0
+    assert "waiting for" in capsys.readouterr().out
+    with RunStore(db) as store:
+        assert store.has(key)

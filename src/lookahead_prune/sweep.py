@@ -12,7 +12,7 @@ import itertools
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .claims import Claims
 from .data import DATASETS, ImageDataset, load_dataset
 from .data.sources import SOURCES
 from .graph import prunable_layers
@@ -252,9 +253,10 @@ def run_config(
 
 @dataclass
 class _Runner:
-    """The state one sweep call shares across its protocols: store, progress, counters."""
+    """The state one sweep call shares across its protocols: store, claims, progress, counters."""
 
     store: RunStore
+    claims: Claims
     bar: Any
     stats: SweepStats
     device: torch.device
@@ -263,10 +265,15 @@ class _Runner:
     batch_models: int | None
     levels: Sequence[int]
     progress: bool = False
+    log: Callable[[str], Any] = print
+    accounted: set[str] = field(default_factory=set)
 
     def config(self, protocol: Protocol, method: str, level: int) -> dict[str, Any]:
         """A run's stored configuration; iterative runs also record the levels they went through."""
         return run_config(protocol, method, level, self.levels)
+
+    def key(self, protocol: Protocol, method: str, level: int) -> str:
+        return config_hash(self.config(protocol, method, level))
 
     def record(
         self, protocol: Protocol, dense: DenseModel, job: tuple[str, int], result: LevelResult,
@@ -280,34 +287,97 @@ class _Runner:
             "device": str(self.device),
         }
         config = self.config(protocol, method, level)
+        key = config_hash(config)
         self.store.put(config, row, wall_time=wall, code_version=self.version)
         self.stats.done += 1
-        self.stats.keys.append(config_hash(config))
+        self.stats.keys.append(key)
+        self.accounted.add(key)
         self.bar.update(1)
         self.bar.set_postfix_str(
             f"{method} L{level} {100 * result.keep:.2f}% acc {100 * result.test_acc_retrained:.2f}%"
         )
 
-    def skip(self, n: int) -> None:
-        """Count ``n`` runs that were already stored."""
-        self.stats.skipped += n
-        self.bar.update(n)
+    def account(self, keys: Iterable[str]) -> None:
+        """Count runs found stored (by an earlier or a concurrent sweep) once each."""
+        new = [k for k in dict.fromkeys(keys) if k not in self.accounted and self.store.has(k)]
+        self.accounted.update(new)
+        self.stats.skipped += len(new)
+        self.bar.update(len(new))
+
+    def run_protocol(
+        self, protocol: Protocol, methods: Sequence[str], levels: Sequence[int],
+        data_for: Callable[[Protocol], ImageDataset],
+    ) -> bool:  # fmt: skip
+        """Run what is missing of one protocol and not claimed by another sweep.
+
+        True when every run of the protocol is stored (by this sweep or another one).
+        """
+        plan = [(m, lv) for m in methods for lv in sorted(levels)]
+        keys = [self.key(protocol, *job) for job in plan]
+        self.account(keys)
+        if all(k in self.accounted for k in keys):
+            return True
+        data = data_for(protocol)
+        dense = self.dense(protocol, data)
+        if dense is None:
+            return False  # another sweep is training it: come back later
+        if protocol.mode == "oneshot":
+            todo = [job for job, k in zip(plan, keys, strict=True) if k not in self.accounted]
+            self.oneshot(protocol, dense, data, todo)
+        else:
+            self.iterative(protocol, dense, data, methods, levels)
+        self.account(keys)
+        return all(k in self.accounted for k in keys)
+
+    def dense(self, protocol: Protocol, data: ImageDataset) -> DenseModel | None:
+        """The dense model, trained here unless another sweep is training it (then None)."""
+        if _dense_path(self.workdir, protocol).exists():
+            return get_dense(protocol, data, self.workdir)[0]
+        claim = "dense:" + config_hash(protocol.dense_config())
+        if not self.claims.take([claim]):
+            return None
+        try:
+            t0 = time.perf_counter()
+            dense, trained = get_dense(protocol, data, self.workdir, progress=self.progress)
+        finally:
+            self.claims.release([claim])
+        if trained:
+            self.stats.dense_trained += 1
+            self.log(
+                f"dense {protocol.model}/{protocol.dataset} seed {protocol.seed}: "
+                f"test acc {100 * dense.test_acc:.2f}% ({time.perf_counter() - t0:.1f}s)"
+            )
+        return dense
 
     def oneshot(
         self, protocol: Protocol, dense: DenseModel, data: ImageDataset, todo: list[tuple[str, int]]
     ) -> None:
-        """Every level pruned from the dense model; retrained in groups (see :func:`group_size`)."""
+        """Every level pruned from the dense model; retrained in groups (see :func:`group_size`).
+
+        Each group's runs are claimed first; runs another sweep holds are left to it.
+        """
         size = self.batch_models or group_size(protocol, self.device, len(todo))
         for i in range(0, len(todo), size):
             group = todo[i : i + size]
-            start = time.perf_counter()
-            models = [dense_model(protocol, dense, data) for _ in group]
-            results = prune_and_retrain_many(
-                protocol, models, dense, data, group, progress=self.progress
-            )
-            wall = (time.perf_counter() - start) / len(group)
-            for job, result in zip(group, results, strict=True):
-                self.record(protocol, dense, job, result, wall)
+            keys = [self.key(protocol, *job) for job in group]
+            taken = set(self.claims.take(keys))
+            try:
+                mine = [
+                    job for job, k in zip(group, keys, strict=True)
+                    if k in taken and not self.store.has(k)
+                ]  # fmt: skip
+                if not mine:
+                    continue
+                start = time.perf_counter()
+                models = [dense_model(protocol, dense, data) for _ in mine]
+                results = prune_and_retrain_many(
+                    protocol, models, dense, data, mine, progress=self.progress
+                )
+                wall = (time.perf_counter() - start) / len(mine)
+                for job, result in zip(mine, results, strict=True):
+                    self.record(protocol, dense, job, result, wall)
+            finally:
+                self.claims.release(taken)
 
     def _resume_chain(
         self, protocol: Protocol, dense: DenseModel, data: ImageDataset, method: str,
@@ -321,10 +391,9 @@ class _Runner:
         """
         stored = []
         for level in levels:
-            if not self.store.has(config_hash(self.config(protocol, method, level))):
+            if not self.store.has(self.key(protocol, method, level)):
                 break
             stored.append(level)
-        self.skip(len(stored))
         model, start = dense_model(protocol, dense, data), 0
         for i in range(len(stored) - 1, -1, -1):
             ckpt = self._ckpt(protocol, method, stored[i])
@@ -337,26 +406,40 @@ class _Runner:
         return model
 
     def _ckpt(self, protocol: Protocol, method: str, level: int) -> Path:
-        return self.workdir / f"iter-{config_hash(self.config(protocol, method, level))}.pt"
+        return self.workdir / f"iter-{self.key(protocol, method, level)}.pt"
 
     def iterative(
         self, protocol: Protocol, dense: DenseModel, data: ImageDataset, methods: Sequence[str],
         levels: Sequence[int],
     ) -> None:  # fmt: skip
-        """Levels applied in turn; each level's model is checkpointed so a rerun continues."""
+        """Levels applied in turn; each level's model is checkpointed so a rerun continues.
+
+        A chain is claimed whole; one another sweep holds is left to it.
+        """
         for method in methods:
-            keys = [config_hash(self.config(protocol, method, lv)) for lv in sorted(levels)]
-            if all(self.store.has(k) for k in keys):
-                self.skip(len(keys))
+            keys = [self.key(protocol, method, lv) for lv in sorted(levels)]
+            missing = [k for k in keys if not self.store.has(k)]
+            if not missing:
                 continue
-            model = self._resume_chain(protocol, dense, data, method, sorted(levels))
-            for level in sorted(levels):
-                if self.store.has(config_hash(self.config(protocol, method, level))):
-                    continue  # counted by _resume_chain
-                start = time.perf_counter()
-                result = prune_and_retrain(protocol, model, dense, data, method, level)
-                _save_pruned(self._ckpt(protocol, method, level), model)
-                self.record(protocol, dense, (method, level), result, time.perf_counter() - start)
+            taken = self.claims.take(missing)
+            try:
+                if len(taken) < len(missing):
+                    continue
+                model = self._resume_chain(protocol, dense, data, method, sorted(levels))
+                for level in sorted(levels):
+                    if self.store.has(self.key(protocol, method, level)):
+                        continue
+                    start = time.perf_counter()
+                    result = prune_and_retrain(protocol, model, dense, data, method, level)
+                    _save_pruned(self._ckpt(protocol, method, level), model)
+                    wall = time.perf_counter() - start
+                    self.record(protocol, dense, (method, level), result, wall)
+            finally:
+                self.claims.release(taken)
+
+
+POLL_S = 5.0
+"""Seconds a sweep waits before looking again at runs another sweep has claimed."""
 
 
 def run_sweep(
@@ -376,6 +459,9 @@ def run_sweep(
     :func:`~lookahead_prune.engines.train_many` with the protocol's engine. ``None`` lets
     :func:`group_size` choose: all of them at once where the sparse engine takes them (an
     MLP on CPU), 16 on a GPU (vmap), else one at a time so each run is stored as it ends.
+    Several sweeps may share one database (and checkpoint folder): each claims what it
+    computes (:mod:`lookahead_prune.claims`), so they split the work, and each returns when
+    every run of its grid is stored, by itself or by the others.
     """
     if batch_models is not None and batch_models < 1:
         raise ValueError(f"batch_models must be >= 1, not {batch_models}")
@@ -387,40 +473,34 @@ def run_sweep(
     dev = pick_device(device)
     stats = SweepStats()
     datasets: dict[tuple[str, int | None], ImageDataset] = {}
-    with RunStore(db) as store:
+
+    def data_for(protocol: Protocol) -> ImageDataset:
+        data_key = (protocol.dataset, protocol.subset)
+        if data_key not in datasets:
+            datasets[data_key] = load_dataset(
+                protocol.dataset, data_dir, device=dev, subset=protocol.subset
+            )
+        return datasets[data_key]
+
+    with RunStore(db) as store, Claims(db) as claims:
         bar = progress_bar(sweep.size(), "runs", "run", enabled=progress)
         runner = _Runner(
-            store, bar, stats, dev, code_version(), workdir, batch_models, sorted(sweep.levels),
-            progress,
+            store, claims, bar, stats, dev, code_version(), workdir, batch_models,
+            sorted(sweep.levels), progress, log,
         )  # fmt: skip
         try:  # the bar closes before any error is printed, so the two never share a line
-            for protocol in sweep.protocols():
-                plan = [(m, lv) for m in sweep.methods for lv in sorted(sweep.levels)]
-                todo = [
-                    job for job in plan if not store.has(config_hash(runner.config(protocol, *job)))
-                ]
-                if not todo:
-                    runner.skip(len(plan))
-                    continue
-                data_key = (protocol.dataset, protocol.subset)
-                if data_key not in datasets:
-                    datasets[data_key] = load_dataset(
-                        protocol.dataset, data_dir, device=dev, subset=protocol.subset
-                    )
-                data = datasets[data_key]
-                t0 = time.perf_counter()
-                dense, trained = get_dense(protocol, data, workdir, progress=progress)
-                if trained:
-                    stats.dense_trained += 1
-                    log(
-                        f"dense {protocol.model}/{protocol.dataset} seed {protocol.seed}: "
-                        f"test acc {100 * dense.test_acc:.2f}% ({time.perf_counter() - t0:.1f}s)"
-                    )
-                if protocol.mode == "oneshot":
-                    runner.skip(len(plan) - len(todo))
-                    runner.oneshot(protocol, dense, data, todo)
-                else:
-                    runner.iterative(protocol, dense, data, sweep.methods, sweep.levels)
+            pending = sweep.protocols()
+            told = False
+            while pending:
+                pending = [
+                    p for p in pending
+                    if not runner.run_protocol(p, sweep.methods, sweep.levels, data_for)
+                ]  # fmt: skip
+                if pending:
+                    if not told:
+                        log(f"waiting for {claims.held_by_others()} run(s) another sweep holds")
+                        told = True
+                    time.sleep(POLL_S)
         finally:
             bar.close()
     stats.wall_time = time.perf_counter() - start
