@@ -306,7 +306,9 @@ def test_a_dead_sweeps_claims_are_taken_over(tmp_path, monkeypatch, capsys):
     # claims are dropped on close only for their own owner: the dead one's stays
     other = "dense:" + config_hash(protocol.dense_config())
     with claims.Claims(db) as c:  # a live claim from another machine, renewed just now...
-        c._conn.execute("INSERT INTO claims VALUES (?, ?, ?)", (other, "elsewhere:1:x", time.time()))
+        c._conn.execute(
+            "INSERT INTO claims VALUES (?, ?, ?)", (other, "elsewhere:1:x", time.time())
+        )
     monkeypatch.setattr(claims, "STALE_S", 1.0)  # ...until it goes stale
     monkeypatch.setattr(sweep, "POLL_S", 0.2)
     assert _sweep(db, "4") == 0
