@@ -315,3 +315,28 @@ def test_a_dead_sweeps_claims_are_taken_over(tmp_path, monkeypatch, capsys):
     assert "waiting for" in capsys.readouterr().out
     with RunStore(db) as store:
         assert store.has(key)
+
+
+def test_report_falls_back_to_an_immutable_read_where_read_only_open_fails(tmp_path, monkeypatch):
+    """On a read-only mount a WAL database cannot even be opened with mode=ro (no -shm can be
+    made); the report then reads the file as immutable. Root ignores file permissions, so
+    the refusal is simulated."""
+    import sqlite3
+
+    from lookahead_prune import store as store_module
+
+    db = tmp_path / "r.sqlite"
+    assert _sweep(db, "4") == 0
+    real = sqlite3.connect
+    opened = []
+
+    def connect(target, *args, **kwargs):
+        opened.append(str(target))
+        if "mode=ro" in str(target):
+            raise sqlite3.OperationalError("unable to open database file")
+        return real(target, *args, **kwargs)
+
+    monkeypatch.setattr(store_module.sqlite3, "connect", connect)
+    with RunStore(db, read_only=True) as store:
+        assert len(store.runs()) == 1
+    assert any("immutable=1" in target for target in opened)
