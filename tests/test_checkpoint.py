@@ -70,9 +70,9 @@ def test_crash_before_replace_leaves_old_file_intact(
         raise OSError("simulated crash before rename")
 
     monkeypatch.setattr(checkpoint.os, "replace", crash)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(CheckpointError, match="simulated crash"):
         save_checkpoint(path, {"step": 2, "w": torch.ones(100)})
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(CheckpointError, match="simulated crash"):
         save_checkpoint(tmp_path / "new.pt", {"step": 3})
     monkeypatch.undo()
 

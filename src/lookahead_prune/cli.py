@@ -267,7 +267,8 @@ def _changed_sweep_flags(args: argparse.Namespace) -> list[str]:
             if k not in ignore and defaults.get(k) != v]  # fmt: skip
 
 
-SWEEP_KEYS = ("models", "datasets", "methods", "levels", "seeds", "db", "data_dir", "device")
+SWEEP_KEYS = ("models", "datasets", "methods", "levels", "seeds", "db", "data_dir", "device",
+              "backend", "address", "cpus_per_task", "gpus_per_task", "storage")  # fmt: skip
 """TOML keys of a sweep besides the :class:`Protocol` fields (see examples/sweep.toml)."""
 
 
@@ -308,9 +309,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             )
         proto_fields = {k: v for k, v in cfg.items() if k in {f.name for f in fields(Protocol)}}
         template = Protocol(**({"model": "fcn", "dataset": "mnist"} | proto_fields))
-        for key in ("db", "data_dir", "device"):
+        for key in ("db", "data_dir", "device", "backend", "address", "storage"):
             if key in cfg and not isinstance(cfg[key], str):
                 raise ValueError(f"TOML key {key!r} must be a string, not {cfg[key]!r}")
+        for key in ("cpus_per_task", "gpus_per_task"):
+            value = cfg.get(key, 1.0)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"TOML key {key!r} must be a number, not {value!r}")
+        cluster = {k: cfg.get(k, getattr(args, k)) for k in
+                   ("backend", "address", "cpus_per_task", "gpus_per_task", "storage")}  # fmt: skip
         sweep = Sweep(
             template,
             _as_list(cfg.get("models", [template.model]), "models"),
@@ -334,6 +341,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             _seeds(args.seeds),
         )
         db, data_dir, device = args.db, args.data_dir, args.device
+        cluster = {k: getattr(args, k) for k in
+                   ("backend", "address", "cpus_per_task", "gpus_per_task", "storage")}  # fmt: skip
+    ray_options = None
+    if cluster["backend"] == "ray":
+        from .ray_backend import RayOptions, require_ray
+
+        require_ray()  # one line on how to install it, before anything runs
+        ray_options = RayOptions(**{k: v for k, v in cluster.items() if k != "backend"})
     stats = run_sweep(
         sweep,
         db,
@@ -341,12 +356,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         device=device,
         progress=not args.quiet,
         batch_models=args.batch_models,
+        backend=cluster["backend"],
+        ray_options=ray_options,
     )
+    for config, jobs, error in stats.failed:
+        print(f"lap sweep: failed: {config} {jobs}: {error}", file=sys.stderr)
     print(
         f"{stats.done} runs done, {stats.skipped} already stored, "
         f"{stats.dense_trained} dense models trained, {stats.wall_time:.1f}s -> {db}"
     )
-    return 0
+    return 1 if stats.failed else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -481,6 +500,20 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--levels", help='levels, e.g. "2,4" or "4-10"')
     sw.add_argument("--seeds", default="0", help='seeds, e.g. "0" or "0,1,2" or "0-4"')
     sw.add_argument("--db", default="results.sqlite", help="results database (SQLite)")
+    g = sw.add_argument_group("cluster (--backend ray)")
+    g.add_argument(
+        "--backend", default="local", choices=["local", "ray"],
+        help="run here, or as tasks on a Ray cluster (pip install 'lookahead-prune[ray]')",
+    )  # fmt: skip
+    g.add_argument(
+        "--address", default=None,
+        help="Ray cluster address ('auto': the running one; None: start a local Ray)",
+    )  # fmt: skip
+    g.add_argument("--cpus-per-task", type=float, default=1.0, help="CPUs each Ray task asks for")
+    g.add_argument("--gpus-per-task", type=float, default=0.0, help="GPUs each Ray task asks for")
+    g.add_argument("--storage", default=None,
+                   help="folder every node can read and write, for checkpoints (None: Ray's "
+                   "object store, with dense models also kept beside the database)")  # fmt: skip
     _add_training_args(sw, train=50_000)
     _add_pruning_args(sw, retrain=50_000)
 

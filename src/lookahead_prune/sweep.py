@@ -118,6 +118,7 @@ class SweepStats:
     dense_trained: int = 0
     wall_time: float = 0.0
     keys: list[str] = field(default_factory=list)
+    failed: list[tuple[Any, ...]] = field(default_factory=list)  # (config, jobs, error)
 
 
 def _dense_path(workdir: Path, protocol: Protocol) -> Path:
@@ -438,6 +439,7 @@ class _Runner:
                 self.claims.release(taken)
 
 
+BACKENDS = ("local", "ray")
 POLL_S = 5.0
 """Seconds a sweep waits before looking again at runs another sweep has claimed."""
 
@@ -452,8 +454,13 @@ def run_sweep(
     progress: bool = True,
     log: Callable[[str], Any] = print,
     batch_models: int | None = None,
+    backend: str = "local",
+    ray_options: Any = None,
 ) -> SweepStats:
     """Run every missing (protocol, method, level) of ``sweep`` and store each as it finishes.
+
+    ``backend="ray"`` runs the work as tasks on a Ray cluster (``ray_options``, a
+    :class:`~lookahead_prune.ray_backend.RayOptions`); see :mod:`lookahead_prune.ray_backend`.
 
     One-shot runs of one dense model are retrained ``batch_models`` at a time by
     :func:`~lookahead_prune.engines.train_many` with the protocol's engine. ``None`` lets
@@ -465,6 +472,15 @@ def run_sweep(
     """
     if batch_models is not None and batch_models < 1:
         raise ValueError(f"batch_models must be >= 1, not {batch_models}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+    if backend == "ray":
+        from .ray_backend import RayOptions, run_sweep_ray
+
+        return run_sweep_ray(
+            sweep, db, ray_options or RayOptions(), workdir=workdir, data_dir=data_dir,
+            device=device, progress=progress, log=log, batch_models=batch_models,
+        )  # fmt: skip
     start = time.perf_counter()
     db = Path(db)
     workdir = Path(workdir) if workdir is not None else db.with_name(db.stem + "-checkpoints")
