@@ -31,9 +31,9 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from train_throughput import mnist  # same data helper (the script's folder is on sys.path)
 
 import lookahead_prune as lp
-from lookahead_prune.data import DatasetError, load_dataset
 from lookahead_prune.models import build_model
 from lookahead_prune.schedule import level_keep
 from lookahead_prune.sparse_group import train_sparse_group
@@ -43,17 +43,6 @@ METHODS = ("mp", "rp", "lfp", "lbp", "lap", "lap-forward", "lap-backward", "lap-
            "lap-backward-seq")  # fmt: skip
 LEVELS = range(4, 11)
 LR = 1.2e-3
-
-
-def mnist() -> tuple[Tensor, Tensor, str]:
-    """Bundled MNIST training split, or random tensors of its shape when it is missing."""
-    try:
-        data = load_dataset("mnist", download=False)
-        return data.train_x, data.train_y, "MNIST"
-    except DatasetError:
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(60_000, 1, 28, 28, generator=g)
-        return x, torch.randint(0, 10, (60_000,), generator=g), "random (MNIST missing)"
 
 
 def cpu_name() -> str:
