@@ -176,3 +176,32 @@ def test_toml_keys_take_dashes_and_the_example_file_is_valid(tmp_path, capsys):
     cfg.write_text(small)
     assert main(["sweep", str(cfg), "--quiet"]) == 0
     assert "3 runs done" in capsys.readouterr().out
+
+
+def test_runs_of_one_protocol_share_a_table_whatever_engine_made_them(tmp_path, capsys):
+    db = tmp_path / "r.sqlite"  # level 2 keeps 25%: trained by train(); level 4 by the group
+    assert main(["sweep", "--model", "fcn", "--methods", "mp", "--levels", "2,4",
+                 "--retrain-steps", "10", "--db", str(db), *TINY, "--quiet"]) == 0  # fmt: skip
+    with RunStore(db) as store:
+        assert {r["engine"] for r in store.runs()} == {"sequential", "sparse"}
+    capsys.readouterr()
+    assert main(["report", "--db", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("**") == 2 and "| MP (baseline) |" in out and "25.14%" in out
+
+
+def test_plain_progress_prints_the_last_line_once():
+    import io
+
+    from lookahead_prune.progress import PlainProgress
+
+    stream = io.StringIO()
+    bar = PlainProgress(2, "runs", "run", stream=stream, every=1e9)
+    bar.update(1)
+    bar.update(1)
+    bar.update(0)
+    bar.update(0)
+    assert (
+        stream.getvalue().splitlines() == [line for line in stream.getvalue().splitlines() if line]
+        and len(stream.getvalue().splitlines()) == 2
+    )

@@ -160,7 +160,10 @@ def _seeds(text: str, flag: str = "--seeds") -> list[int]:
         raise ValueError(f"{flag} must be integers like '0,1,2' or '0-4', not {text!r}") from None
 
 
-PROTOCOL_FIELDS = [f.name for f in fields(Protocol) if f.name != "seed"]
+PROTOCOL_FIELDS = [
+    f.name for f in fields(Protocol) if f.name != "seed" and not f.metadata.get("runtime")
+]
+"""What makes two rows one experiment: everything but the seed and how it was computed."""
 
 
 def protocol_groups(rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], list[dict[str, Any]]]:

@@ -33,13 +33,18 @@ class PlainProgress:
         self.every = every
         self.start = time.perf_counter()
         self.last = -float("inf")
+        self.finished = False
 
     def update(self, n: int = 1) -> None:
-        """Advance by ``n``; print a line if enough time passed or the work is done."""
+        """Advance by ``n``; print a line if enough time passed or the work just got done."""
+        if n <= 0:
+            return
         self.n += n
         now = time.perf_counter()
-        if now - self.last >= self.every or self.n >= self.total:
+        done = self.n >= self.total
+        if now - self.last >= self.every or (done and not self.finished):
             self.last = now
+            self.finished = done
             self._line(now)
 
     def set_postfix_str(self, text: str, refresh: bool = True) -> None:
