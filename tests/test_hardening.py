@@ -340,3 +340,28 @@ def test_report_falls_back_to_an_immutable_read_where_read_only_open_fails(tmp_p
     with RunStore(db, read_only=True) as store:
         assert len(store.runs()) == 1
     assert any("immutable=1" in target for target in opened)
+
+
+def test_a_read_only_database_fails_before_any_training(tmp_path, monkeypatch, capsys):
+    """Root ignores file modes, so the read-only file is simulated with SQLite's query_only."""
+    import sqlite3
+
+    import lookahead_prune.pipeline as pipeline
+    from lookahead_prune import store as store_module
+
+    db = tmp_path / "r.sqlite"
+    with RunStore(db):
+        pass
+    real = sqlite3.connect
+
+    def read_only(*args, **kwargs):
+        conn = real(*args, **kwargs)
+        conn.execute("PRAGMA query_only = ON")
+        return conn
+
+    trained = []
+    monkeypatch.setattr(store_module.sqlite3, "connect", read_only)
+    monkeypatch.setattr(pipeline, "train", lambda *a, **k: trained.append(1))
+    assert _sweep(db, "4") == 2
+    err = capsys.readouterr().err
+    assert str(db) in err and "readonly" in err and err.count("\n") == 1 and not trained
