@@ -239,7 +239,7 @@ def _run_writer_and_kill(path: Path, after: int, delay: float) -> list[int]:
     )
     acknowledged: list[int] = []
     assert proc.stdout is not None
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300
     while len(acknowledged) < after and time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:
