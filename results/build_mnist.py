@@ -142,6 +142,23 @@ def versus_paper(out: Path, lines: list[tuple[Any, ...]]) -> str:
     header = ["method", "keep_percent", "n_seeds", "error_mean", "error_std", "paper_mean",
               "paper_std", "difference", "intervals_overlap"]  # fmt: skip
     _write_csv(out / "table1_vs_paper.csv", header, rows)
+    cells = {(r[0], r[1]): r for r in rows}
+    md = ["| method | " + " | ".join(f"{k}%" for k in KEEPS) + " |", "|---" * 8 + "|"]
+    for method in TABLE1_METHODS:
+        line = [method_label(method)]
+        for keep in KEEPS:
+            r = cells.get((method, keep))
+            if r is None:
+                line.append("—")
+                continue
+            ours = r[3] + (f"±{r[4]}" if int(r[2]) > 1 else "")
+            mark = "" if r[8] else " ✗"
+            line.append(f"{r[5]:.2f}±{r[6]:.2f} / **{ours}**{mark}")
+        md.append("| " + " | ".join(line) + " |")
+    (out / "table1_vs_paper.md").write_text(
+        "Paper (5 seeds) / **ours**, test error (%); ✗: the mean±std intervals do not "
+        "overlap.\n\n" + "\n".join(md) + "\n"
+    )
     return (
         f"{overlap} of {len(rows)} cells have mean±std intervals that overlap the paper's; "
         f"{one_std} lie within one of the paper's standard deviations of its mean"
