@@ -137,10 +137,6 @@ class Protocol:
                 if isinstance(value, bool) or not isinstance(value, int | float):
                     raise ValueError(f"{name} must be a number, not {value!r}")
                 object.__setattr__(self, name, float(value))
-        for name in ("seed", "train_steps", "retrain_steps", "batch_size", "rewind_step"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be an integer, not {value!r}")
         if self.retrain not in RETRAIN_MODES:
             raise ValueError(f"retrain must be one of {RETRAIN_MODES}, not {self.retrain!r}")
         if self.scope not in ("layer", "global"):
