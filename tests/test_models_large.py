@@ -122,3 +122,13 @@ def test_official_module_order_lap_with_shortcuts_excluded() -> None:
     body = layers["layer3.2.conv2"]
     assert int(body.weight_mask.sum()) == round(0.85**2 * body.weight.numel())
     assert int(layers["fc"].weight_mask.sum()) == round(0.9**2 * layers["fc"].weight.numel())
+
+
+def test_official_training_recipe_for_the_64x64_models() -> None:
+    from lookahead_prune.train import paper_lr, paper_steps
+
+    for name in OFFICIAL:
+        assert paper_steps(name) == (60_000, 40_000) and paper_lr(name) == 3e-4
+        assert paper_pq(name) == (0.85, 0.8)
+    with pytest.raises(ValueError, match="no step counts"):  # the official code has no 32x32 WRN
+        paper_steps("wrn-16-8")

@@ -29,7 +29,6 @@ PAPER_PQ: dict[str, tuple[float, float]] = {
     "vgg19-64": (0.85, 0.8),
     "resnet50-64": (0.85, 0.8),
     "wrn-16-8-64": (0.85, 0.8),
-    "wrn-16-8": (0.85, 0.8),  # not in the official code; its 64x64 ratios
 }
 """The paper's (p, q) per model: conv and linear keep factors per level."""
 

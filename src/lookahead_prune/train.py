@@ -56,6 +56,9 @@ PAPER_LR: dict[str, float] = {
     "vgg16": 3e-4,
     "vgg19": 3e-4,
     "resnet18": 3e-4,
+    "vgg19-64": 3e-4,  # the official code's Tiny-ImageNet models (hyperparameter.py)
+    "resnet50-64": 3e-4,
+    "wrn-16-8-64": 3e-4,
 }
 PAPER_DEFAULT_LR = 3e-4
 """The paper's rate for every model other than FCN ("all other models")."""
@@ -68,8 +71,11 @@ PAPER_STEPS: dict[str, tuple[int, int]] = {
     "resnet18": (35_000, 25_000),
     "vgg16": (50_000, 35_000),
     "vgg19": (60_000, 40_000),
+    "vgg19-64": (60_000, 40_000),  # the official code's Tiny-ImageNet models (hyperparameter.py)
+    "resnet50-64": (60_000, 40_000),
+    "wrn-16-8-64": (60_000, 40_000),
 }
-"""(initial training, retraining) steps per model, Appendix C."""
+"""(initial training, retraining) steps per model, Appendix C and the official code."""
 
 LOSS_WINDOW = 100
 """``TrainResult.final_loss`` averages the training loss over this many last steps."""

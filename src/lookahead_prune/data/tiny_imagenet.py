@@ -15,10 +15,13 @@ the index of its wnid in *sorted* order, which is what the official code's
 ``torchvision.datasets.ImageFolder`` assigns. Training images are ordered round-robin over
 the classes (image 0 of every class, then image 1, ...), so the first ``n`` are balanced.
 
-The reader works on the zip (read in place, never extracted) or on an extracted
-``tiny-imagenet-200`` folder, and on archives of any size (the tests write small ones). It
-does not check checksums (the caller does, see :mod:`.locate`). JPEG decoding needs Pillow
-(``pip install 'lookahead-prune[tiny-imagenet]'``); grayscale images are made RGB.
+:func:`read_tiny_imagenet` works on the zip (read in place, never extracted) or on an
+extracted ``tiny-imagenet-200`` folder, and on archives of any size (the tests write small
+ones); it checks structure, not checksums. :func:`load_tiny_imagenet` (what ``load_dataset``
+calls) finds the archive through :mod:`.locate` (MD5-checked, downloaded when allowed) and
+decodes it once into a uint8 ``.npz`` beside it (:mod:`.npz_cache`), which later loads read
+instead. JPEG decoding needs Pillow (``pip install 'lookahead-prune[tiny-imagenet]'``);
+grayscale images are made RGB.
 """
 
 from __future__ import annotations
