@@ -17,6 +17,7 @@ import lookahead_prune as lp
 from lookahead_prune.graph import prunable_layers
 from lookahead_prune.models import WideResNet, build_model, dense_layer_names
 from lookahead_prune.schedule import level_keep, paper_pq
+from lookahead_prune.train import paper_lr, paper_steps
 
 TINY = (3, 64, 200)
 CIFAR = (3, 32, 10)
@@ -125,8 +126,6 @@ def test_official_module_order_lap_with_shortcuts_excluded() -> None:
 
 
 def test_official_training_recipe_for_the_64x64_models() -> None:
-    from lookahead_prune.train import paper_lr, paper_steps
-
     for name in OFFICIAL:
         assert paper_steps(name) == (60_000, 40_000) and paper_lr(name) == 3e-4
         assert paper_pq(name) == (0.85, 0.8)

@@ -19,6 +19,8 @@ import pytest
 
 from lookahead_prune.data import SOURCES, DatasetError, load_dataset
 from lookahead_prune.data.checksum import clear_md5_cache
+from lookahead_prune.data.npz_cache import load_splits, save_splits
+from lookahead_prune.data.splits import RawSplits
 from lookahead_prune.data.tiny_imagenet import CACHE_NAME, read_tiny_imagenet
 
 SOURCE = SOURCES["tiny-imagenet"]
@@ -235,3 +237,17 @@ def test_missing_pillow_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "PIL", None)
     with pytest.raises(DatasetError, match=r"lookahead-prune\[tiny-imagenet\]"):
         read_tiny_imagenet(archive)
+
+
+def test_cache_of_another_format_version_is_rebuilt(tmp_path):
+    folder = tmp_path / "tiny-imagenet"
+    files, _ = fake_files(seed=8)
+    write_zip(folder / ARCHIVE, files)
+    empty = np.zeros((0, 3, 64, 64), np.uint8)
+    old = RawSplits(empty, np.zeros(0, np.int64), empty, np.zeros(0, np.int64))
+    save_splits(folder / CACHE_NAME, old, {"version": 0})
+    data = load_dataset("tiny-imagenet", tmp_path, download=False, verify=False)
+    assert data.train_x.shape == (9, 3, 64, 64)
+    _, meta = load_splits(folder / CACHE_NAME)
+    assert int(meta["version"]) == 1 and meta["archive_md5"] == md5_of(folder / ARCHIVE)
+    assert tuple(meta["wnids"]) == tuple(sorted(WNIDS))

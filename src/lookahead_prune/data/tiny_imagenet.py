@@ -228,18 +228,17 @@ def read_tiny_imagenet(path: str | Path, *, progress: bool = False) -> TinyImage
     return TinyImageNet(RawSplits(*train, *test), wnids)
 
 
-def _read_cache(path: Path, num_classes: int) -> tuple[TinyImageNet, str]:
-    """The cached dataset and the MD5 of the archive it was decoded from, checked for shape."""
+def _read_cache(path: Path, num_classes: int) -> tuple[TinyImageNet, str] | None:
+    """The cached dataset and the MD5 of the archive it came from; None for an old format."""
     splits, meta = load_splits(path)
     try:
-        version = int(meta["version"])
+        if int(meta["version"]) != _CACHE_VERSION:
+            return None  # written by another version of this reader: decode again
         made_from = str(meta["archive_md5"])
         wnids = tuple(str(w) for w in meta["wnids"])
     except (KeyError, TypeError, ValueError) as err:
         raise DatasetError(f"{path}: not a Tiny-ImageNet cache ({err}); delete it") from err
     problem = None
-    if version != _CACHE_VERSION:
-        problem = f"cache version {version}, expected {_CACHE_VERSION}"
     for x, y in ((splits.train_x, splits.train_y), (splits.test_x, splits.test_y)):
         if x.dtype != np.uint8 or x.shape[1:] != IMAGE_SHAPE or y.shape != (len(x),):
             problem = f"arrays of shape {x.shape} {x.dtype} and {y.shape}"
@@ -277,10 +276,9 @@ def load_tiny_imagenet(
     entry = source.files[0]
     folder = resolve_data_dir(data_dir) / source.subdir
     cache, archive = folder / CACHE_NAME, folder / entry.filename
-    if cache.is_file():
-        data, made_from = _read_cache(cache, source.num_classes)
-        if _cache_is_current(made_from, entry.md5, archive, verify):
-            return data
+    cached = _read_cache(cache, source.num_classes) if cache.is_file() else None
+    if cached is not None and _cache_is_current(cached[1], entry.md5, archive, verify):
+        return cached[0]
     path = ensure_file(source, entry, data_dir, download=download, verify=verify)
     data = read_tiny_imagenet(path, progress=progress)
     if len(data.wnids) > source.num_classes:
