@@ -251,3 +251,19 @@ def test_cache_of_another_format_version_is_rebuilt(tmp_path):
     _, meta = load_splits(folder / CACHE_NAME)
     assert int(meta["version"]) == 1 and meta["archive_md5"] == md5_of(folder / ARCHIVE)
     assert tuple(meta["wnids"]) == tuple(sorted(WNIDS))
+
+
+def test_cli_trains_and_prunes_an_official_64x64_model(monkeypatch, tmp_path, capsys):
+    from lookahead_prune import cli
+
+    files, _ = fake_files(seed=9)
+    with_md5(monkeypatch, write_zip(tmp_path / "tiny-imagenet" / ARCHIVE, files))
+    dense, pruned = tmp_path / "dense.pt", tmp_path / "pruned.pt"
+    common = ["--data-dir", str(tmp_path), "--device", "cpu"]
+    train = ["train", "--model", "wrn-16-8-64", "--dataset", "tiny-imagenet", "--quiet"]
+    train += ["--train-steps", "1", "--batch-size", "4", "--out", str(dense)]
+    assert cli.main(train + common) == 0
+    prune = ["prune", str(dense), "--method", "lap", "--keep", "0.1", "--out", str(pruned)]
+    assert cli.main(prune + common) == 0
+    out = capsys.readouterr().out
+    assert "layer3.1.conv2" in out and "200x512" in out and pruned.is_file()
