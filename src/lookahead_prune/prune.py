@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .data_scores import MEASURES, Data, measure
 from .graph import (
     GraphError,
     LayerGraph,
@@ -24,7 +25,7 @@ from .graph import (
     prunable_layers,
 )
 from .masks import apply_mask, current_mask, effective_weight, global_masks, top_k_mask
-from .scores import NEIGHBOUR_METHODS, SCORES, Neighbourhood, score_function
+from .scores import SCORES, Neighbourhood, scale_rows, score_function, score_spec
 
 ORDERS = ("base", "forward", "backward")
 SCOPES = ("layer", "global")
@@ -61,7 +62,8 @@ def parse_method(method: str, order: str | None = None, steps: int | None = None
     if not isinstance(method, str):
         raise TypeError(f"method must be a string, not {type(method).__name__}")
     parts = method.lower().split("-")
-    base, rest = parts[0], parts[1:]
+    cut = next((i for i in range(len(parts), 0, -1) if "-".join(parts[:i]) in SCORES), 1)
+    base, rest = "-".join(parts[:cut]), parts[cut:]  # the longest registered name: lap-act
     implied_steps = None
     if rest and rest[-1] == "seq":
         implied_steps, rest = SEQ_STEPS, rest[:-1]
@@ -220,7 +222,8 @@ def _score_layers(
     graph: LayerGraph,
     weights: Mapping[str, Tensor],
     bn: bool,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
+    measured: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     names = list(names)
     dead = [n for n in names if n in graph.unreached]
@@ -232,13 +235,33 @@ def _score_layers(
     fn = score_function(method)
     out = {}
     for n in names:
-        out[n] = fn(Neighbourhood(graph[n], weights, bn=bn, generator=generator), graph)
+        nb = Neighbourhood(graph[n], weights, bn=bn, generator=generator, measured=measured)
+        out[n] = fn(nb, graph)
         if not bool(torch.isfinite(out[n]).all()):
             raise ValueError(
                 f"layer '{n}' gets NaN/inf {method} scores; check the batch-norm "
                 "statistics and weights of its neighbours."
             )
     return out
+
+
+def _measured(
+    method: str,
+    model: nn.Module,
+    data: Data | None,
+    targets: Iterable[str],
+    weights: dict[str, Tensor],
+) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+    """For a data score: the weights it ranks and the statistics it reads, measured once.
+
+    Row scales apply to every layer (they change the neighbours too); others to the targets.
+    """
+    need = score_spec(method).data
+    if need is None:
+        return weights, None
+    rows = MEASURES[need].scales_rows
+    stats = measure(need, method, model, data, list(weights if rows else targets))
+    return (scale_rows(weights, stats), None) if rows else (weights, stats)
 
 
 def _schedule(final: int, start: int, steps: int) -> list[int]:
@@ -257,21 +280,24 @@ def _graph_for(
 ) -> LayerGraph:
     """The traced graph for methods that look at neighbours; bare layers for the others.
 
-    MP, RP and LAMP never read a neighbour, so they skip tracing (and work on any model).
+    MP, RP, LAMP and OBD never read a neighbour, so they skip tracing (and work on any model).
     """
-    if method in NEIGHBOUR_METHODS:
+    if score_spec(method).needs_neighbours:
         return build_graph(model, mode, example_inputs, skip=skip)
     check_graph_mode(mode)
     return layers_only(model)
 
 
-def _normalised(scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Per-layer normalisation for global scope, as the official code: s² / ‖s²‖."""
+def _normalised(scores: Mapping[str, Tensor], power: float | None) -> dict[str, Tensor]:
+    """Per-layer normalisation for global scope, as the official code: s^p / ‖s^p‖ with the
+    method's power (the official LAP score is ours squared, its MP is |w|); ``None``: as is."""
+    if power is None:
+        return dict(scores)
     out = {}
     for n, s in scores.items():
-        sq = s.float().square()
-        norm = torch.linalg.vector_norm(sq)
-        out[n] = sq / norm if norm > 0 else sq
+        sp = s.float().pow(power)
+        norm = torch.linalg.vector_norm(sp)
+        out[n] = sp / norm if norm > 0 else sp
     return out
 
 
@@ -315,6 +341,7 @@ def compute_masks(
     layers: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
     seed: int = 0,
+    data: Data | None = None,
 ) -> tuple[dict[str, Tensor], MethodSpec]:
     """The masks ``prune`` would apply, without touching the model (same arguments)."""
     spec = parse_method(method, order, steps)
@@ -356,6 +383,7 @@ def compute_masks(
         bn,
         None,
     )  # raises if a pruned layer is never called
+    weights, measured = _measured(spec.score, model, data, targets, weights)
     generator = torch.Generator().manual_seed(seed)
     totals = {n: weights[n].numel() for n in targets}
     start = {n: int(torch.count_nonzero(alive[n])) for n in targets}
@@ -379,9 +407,11 @@ def compute_masks(
             )
         plan = _schedule(total_final, sum(start.values()), spec.steps)
         for step, k in enumerate(plan):
-            scores = _score_layers(targets, spec.score, layer_graph, weights, bn, generator)
+            scores = _score_layers(
+                targets, spec.score, layer_graph, weights, bn, generator, measured
+            )
             if normalize:
-                scores = _normalised(scores)
+                scores = _normalised(scores, score_spec(spec.score).global_power)
             alive = global_masks(scores, k, alive)
             if step + 1 < len(plan):
                 weights = weights | {n: weights[n] * alive[n] for n in targets}
@@ -393,14 +423,18 @@ def compute_masks(
     for step in range(spec.steps):
         last = step + 1 == spec.steps
         if spec.order == "base":
-            scores = _score_layers(ordered, spec.score, layer_graph, weights, bn, generator)
+            scores = _score_layers(
+                ordered, spec.score, layer_graph, weights, bn, generator, measured
+            )
             for n in ordered:
                 alive[n] = top_k_mask(scores[n], plans[n][step], alive[n])
             if not last:
                 weights = weights | {n: weights[n] * alive[n] for n in ordered}
         else:
             for i, n in enumerate(ordered):
-                score = _score_layers([n], spec.score, layer_graph, weights, bn, generator)[n]
+                score = _score_layers(
+                    [n], spec.score, layer_graph, weights, bn, generator, measured
+                )[n]
                 alive[n] = top_k_mask(score, plans[n][step], alive[n])
                 if not (last and i + 1 == len(ordered)):
                     weights = weights | {n: weights[n] * alive[n]}
@@ -422,13 +456,17 @@ def prune(
     layers: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
     seed: int = 0,
+    data: Data | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place so that a ``keep`` fraction of weights survives; see DESIGN.md.
 
     ``keep`` is one fraction for every prunable layer (or the overall fraction with
     ``scope='global'``), or a dict from layer name to fraction (other layers are left alone).
-    ``method`` is ``mp``, ``rp``, ``lap``, ``lfp``, ``lbp``, ``lamp`` or a shorthand such as
+    ``method`` is ``mp``, ``rp``, ``lap``, ``lfp``, ``lbp``, ``lamp``, a data score (``lap-act``,
+    ``obd``: pass examples as ``data=(x, y)`` or ``data=x``) or a shorthand such as
     ``lap-forward-seq``; ``order``/``steps`` give LAP-forward/backward and the -seq variants.
+    With ``scope='global'`` and ``normalize`` each layer's scores are normalised as the
+    official code does (:attr:`Score.global_power`).
     ``bn=False`` drops Eq. 9's batch-norm factors; ``graph='sequential'`` chains layers in
     module order like the official code. ``exclude`` (names or glob patterns) leaves layers
     unpruned and, with ``graph='sequential'``, out of the chain too, as the official code
@@ -454,6 +492,7 @@ def prune(
         layers=layers,
         exclude=exclude,
         seed=seed,
+        data=data,
     )
     modules = prunable_layers(model)
     for name, mask in masks.items():
@@ -482,6 +521,7 @@ def compute_scores(
     example_inputs: Sequence[Tensor] | None = None,
     exclude: Iterable[str] = (),
     seed: int = 0,
+    data: Data | None = None,
 ) -> dict[str, Tensor]:
     """Scores of every prunable layer's weights, keyed by qualified module name.
 
@@ -502,4 +542,5 @@ def compute_scores(
     layer_graph = _graph_for(spec.score, model, graph, example_inputs, skip)
     generator = torch.Generator().manual_seed(seed)
     scored = [n for n in modules if n not in skip]
-    return _score_layers(scored, spec.score, layer_graph, weights, bn, generator)
+    weights, measured = _measured(spec.score, model, data, scored, weights)
+    return _score_layers(scored, spec.score, layer_graph, weights, bn, generator, measured)
