@@ -29,7 +29,16 @@ from .report import (
 )
 from .scores import SCORES
 from .store import RunStore, StoreError, config_hash
-from .sweep import Sweep, clean_checkpoints, levels_from, run_config, run_sweep
+from .sweep import (
+    STEP_FIELDS,
+    Sweep,
+    clean_checkpoints,
+    levels_from,
+    model_steps,
+    protocol_lines,
+    run_config,
+    run_sweep,
+)
 from .train import evaluate, pick_device
 
 CSV_COLUMNS = [
@@ -65,10 +74,16 @@ def _doc(func: Any) -> str:
     return (func.__doc__ or "").replace("``", "`")
 
 
-def _add_training_args(p: argparse.ArgumentParser, *, train: int) -> None:
+PAPER_STEPS_HELP = "None: the paper's for each model, e.g. FCN 50k + 50k, Conv-6 30k + 20k"
+
+
+def _add_training_args(p: argparse.ArgumentParser, *, train: int | None) -> None:
     """Options of dense training: every command that trains takes these."""
     g = p.add_argument_group("training")
-    g.add_argument("--train-steps", type=int, default=train, help="steps of dense training")
+    g.add_argument(
+        "--train-steps", type=int, default=train,
+        help="steps of dense training" + (f" ({PAPER_STEPS_HELP})" if train is None else ""),
+    )  # fmt: skip
     g.add_argument("--lr", type=float, default=None, help="learning rate (None: the paper's)")
     g.add_argument("--batch-size", type=int, default=60, help="examples per step")
     g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="optimiser")
@@ -81,6 +96,11 @@ def _add_training_args(p: argparse.ArgumentParser, *, train: int) -> None:
     g.add_argument(
         "--eval-examples", type=int, default=None,
         help="measure accuracy on the first n test (and training) examples (None: all)",
+    )  # fmt: skip
+    g.add_argument(
+        "--augment", action=argparse.BooleanOptionalAction, default=None,
+        help="random crop (pad 4 black pixels) and flip of training batches (None: the "
+        "dataset's default, as the official code: on for CIFAR-10 and Tiny-ImageNet)",
     )  # fmt: skip
     g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: train under bfloat16 autocast (fast on recent GPUs)")  # fmt: skip
@@ -97,10 +117,13 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (None: cuda if present)")
 
 
-def _add_pruning_args(p: argparse.ArgumentParser, *, retrain: int) -> None:
+def _add_pruning_args(p: argparse.ArgumentParser, *, retrain: int | None) -> None:
     """Options of pruning and retraining: what sweeps and the demo take beyond training."""
     g = p.add_argument_group("pruning and retraining")
-    g.add_argument("--retrain-steps", type=int, default=retrain, help="steps of retraining")
+    g.add_argument(
+        "--retrain-steps", type=int, default=retrain,
+        help="steps of retraining" + (f" ({PAPER_STEPS_HELP})" if retrain is None else ""),
+    )  # fmt: skip
     g.add_argument("--retrain", default="finetune", choices=RETRAIN_MODES,
                    help="what retraining starts from")  # fmt: skip
     g.add_argument("--rewind-step", type=int, default=0, help="step rewind-weights returns to")
@@ -115,6 +138,7 @@ def _add_pruning_args(p: argparse.ArgumentParser, *, retrain: int) -> None:
         "--scope", default="layer", choices=["layer", "global"],
         help="global: the level's overall fraction under one threshold (normalised scores)",
     )  # fmt: skip
+    _add_score_examples(g)
     g.add_argument(
         "--exclude", default="",
         help="comma-separated layer names or globs left dense and, with --graph sequential, out "
@@ -130,6 +154,13 @@ def _add_pruning_args(p: argparse.ArgumentParser, *, retrain: int) -> None:
         "--batch-models", type=int, default=None,
         help="retrain at most this many pruned copies of a dense model together (None: all "
         "of them with the sparse engine, 16 with vmap on a GPU, else 1)",
+    )  # fmt: skip
+
+
+def _add_score_examples(g: Any) -> None:
+    g.add_argument(
+        "--score-examples", type=int, default=10_000,
+        help="training examples that data scores (lap-act, obd) measure the model on",
     )  # fmt: skip
 
 
@@ -311,7 +342,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 "instead of passing them as flags"
             )
         proto_fields = {k: v for k, v in cfg.items() if k in {f.name for f in fields(Protocol)}}
-        template = Protocol(**({"model": "fcn", "dataset": "mnist"} | proto_fields))
+        models = _as_list(cfg.get("models", [proto_fields.get("model", "fcn")]), "models")
+        paper = frozenset(f for f in STEP_FIELDS if f not in proto_fields)
+        steps = dict(zip(STEP_FIELDS, model_steps(str(models[0])), strict=True))
+        template = Protocol(
+            **({"model": "fcn", "dataset": "mnist"} | {f: steps[f] for f in paper} | proto_fields)
+        )
         for key in ("db", "data_dir", "device", "backend", "address", "storage"):
             if key in cfg and not isinstance(cfg[key], str):
                 raise ValueError(f"TOML key {key!r} must be a string, not {cfg[key]!r}")
@@ -323,17 +359,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                    ("backend", "address", "cpus_per_task", "gpus_per_task", "storage")}  # fmt: skip
         sweep = Sweep(
             template,
-            _as_list(cfg.get("models", [template.model]), "models"),
+            models,
             _as_list(cfg.get("datasets", [template.dataset]), "datasets"),
             _as_list(cfg["methods"], "methods"),
             _as_list(cfg["levels"], "levels", int),
             _as_list(cfg.get("seeds", [0]), "seeds", int),
+            paper_steps=paper,
         )
         db = cfg.get("db", args.db)
         data_dir, device = cfg.get("data_dir", args.data_dir), cfg.get("device", args.device)
     else:
         if not (args.model and args.methods and args.levels):
             raise SystemExit("lap sweep: give --model, --methods and --levels (or a TOML file)")
+        paper = frozenset(f for f in STEP_FIELDS if getattr(args, f) is None)
+        steps = dict(zip(STEP_FIELDS, model_steps(_split(args.model)[0]), strict=True))
+        for name in paper:
+            setattr(args, name, steps[name])
         template = _protocol(args, "fcn", "mnist", 0)
         sweep = Sweep(
             template,
@@ -342,6 +383,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             _split(args.methods),
             levels_from(args.levels),
             _seeds(args.seeds),
+            paper_steps=paper,
         )
         db, data_dir, device = args.db, args.data_dir, args.device
         cluster = {k: getattr(args, k) for k in
@@ -352,6 +394,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
         require_ray()  # one line on how to install it, before anything runs
         ray_options = RayOptions(**{k: v for k, v in cluster.items() if k != "backend"})
+    for line in protocol_lines(sweep):  # also under --quiet: logs should say what ran
+        print(line)
     stats = run_sweep(
         sweep,
         db,
@@ -445,7 +489,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     model = new_model(protocol, data)
     model.load_state_dict(state["state"])
     model.to(data.train_x.device)
-    report = prune(model, args.method, args.keep, scope=args.scope, graph=args.graph)
+    report = prune(
+        model, args.method, args.keep, scope=args.scope, graph=args.graph,
+        data=data.train_x[: args.score_examples],
+    )  # fmt: skip
     print(report.table())
     metrics = evaluate(model, data.test_x, data.test_y)
     print(f"test accuracy after pruning (no retraining): {100 * metrics.accuracy:.2f}%")
@@ -517,8 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--storage", default=None,
                    help="folder every node can read and write, for checkpoints (None: Ray's "
                    "object store, with dense models also kept beside the database)")  # fmt: skip
-    _add_training_args(sw, train=50_000)
-    _add_pruning_args(sw, retrain=50_000)
+    _add_training_args(sw, train=None)
+    _add_pruning_args(sw, retrain=None)
 
     rp = command("report", cmd_report)
     rp.add_argument("--db", default="results.sqlite", help="results database to read")
@@ -556,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--dataset", default=None, choices=DATASETS,
                     help="test data, for checkpoints that do not record it")  # fmt: skip
     pr.add_argument("--out", default=None, help="save the pruned model here")
+    _add_score_examples(pr)
     _add_data_args(pr)
 
     cl = command("clean", cmd_clean)

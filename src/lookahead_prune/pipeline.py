@@ -17,13 +17,15 @@ import torch
 from torch import nn
 
 from .data import ImageDataset
+from .data.sources import SOURCES
 from .engines import ENGINE_CHOICES, train_many
 from .graph import prunable_layers
 from .models import build_model, dense_layer_names
 from .models.activations import ACTIVATIONS
 from .progress import progress_bar
-from .prune import canonical_method, excluded_layers, prune
+from .prune import canonical_method, excluded_layers, parse_method, prune
 from .schedule import kept_fraction, level_keep, paper_pq
+from .scores import score_spec
 from .train import (
     OPTIMIZERS,
     PRECISIONS,
@@ -59,6 +61,7 @@ _FIELD_TYPES: dict[str, tuple[Any, str]] = {
     "str": (lambda v: isinstance(v, str), "a string"),
     "int": (_is_int, "an integer"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "bool | None": (lambda v: v is None or isinstance(v, bool), "true or false"),
     "int | None": (lambda v: v is None or _is_int(v), "an integer"),
     "float | None": (lambda v: v is None or _is_number(v), "a number"),
     "float": (_is_number, "a number"),
@@ -101,6 +104,9 @@ class Protocol:
     exclude: tuple[str, ...] = field(default=(), metadata=ADDED)  # layers left dense (globs)
     eval_examples: int | None = field(default=None, metadata=ADDED)  # None: whole test set
     precision: str = field(default="fp32", metadata=ADDED)  # "bf16": autocast in training
+    score_examples: int = field(default=10_000, metadata=ADDED)  # lap-act/obd measure on these
+    # crop+flip training batches; None: the dataset's default (CIFAR-10, Tiny-ImageNet: on)
+    augment: bool | None = field(default=None, metadata=ADDED | {"key_default": False})
     channels_last: bool = field(default=False, metadata=RUNTIME)
     compile: bool = field(default=False, metadata=RUNTIME)
     engine: str = field(default="auto", metadata=RUNTIME)  # how retraining groups compute
@@ -114,13 +120,16 @@ class Protocol:
                               ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):  # fmt: skip
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
-        for name in ("batch_size", "subset"):
+        for name in ("batch_size", "subset", "score_examples"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, not {value!r}")
         if isinstance(self.exclude, str):
             raise ValueError(f"exclude must be a list of patterns, not the string {self.exclude!r}")
         object.__setattr__(self, "exclude", tuple(sorted(set(self.exclude))))  # order-free key
+        if self.augment is None:  # resolved here, so the key says what was done
+            source = SOURCES.get(self.dataset)
+            object.__setattr__(self, "augment", bool(source and source.augment))
         if self.engine not in ENGINE_CHOICES:
             raise ValueError(f"engine must be one of {ENGINE_CHOICES}, not {self.engine!r}")
         if self.precision not in PRECISIONS:
@@ -169,7 +178,7 @@ class Protocol:
             if f.metadata.get("runtime") or (names is not None and f.name not in names):
                 continue
             value = getattr(self, f.name)
-            if f.metadata.get("added") and value == f.default:
+            if f.metadata.get("added") and value == f.metadata.get("key_default", f.default):
                 continue
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
@@ -178,7 +187,7 @@ class Protocol:
         """The fields that determine the dense model (its cache key)."""
         keys = ("model", "dataset", "seed", "activation", "train_steps", "batch_size",
                 "optimizer", "schedule", "weight_decay", "subset", "eval_examples",
-                "precision")  # fmt: skip
+                "precision", "augment")  # fmt: skip
         return self._key_fields(keys) | {
             "lr": self.learning_rate,
             "rewind_step": self.rewind_key,
@@ -211,6 +220,8 @@ class Protocol:
             weight_decay=self.weight_decay,
             schedule=schedule or self.schedule,
             seed=self.seed,
+            augment=bool(self.augment),
+            pad_value=SOURCES[self.dataset].black if self.dataset in SOURCES else (),
             precision=self.precision,
             channels_last=self.channels_last,
             compile=self.compile,
@@ -251,6 +262,13 @@ def _train_subset(protocol: Protocol, data: ImageDataset) -> tuple[torch.Tensor,
     """The training examples whose accuracy is reported (the first ones)."""
     n = min(TRAIN_EVAL_EXAMPLES, protocol.eval_examples or TRAIN_EVAL_EXAMPLES, len(data.train_y))
     return data.train_x[:n], data.train_y[:n]
+
+
+def _score_data(protocol: Protocol, method: str, data: ImageDataset) -> torch.Tensor | None:
+    """The first ``score_examples`` training inputs, for methods that measure the model."""
+    if score_spec(parse_method(method).score).data is None:
+        return None
+    return data.train_x[: protocol.score_examples]
 
 
 def _test_set(protocol: Protocol, data: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -362,12 +380,12 @@ def prune_and_retrain_many(
                 method,
                 keep,
                 scope=protocol.scope,
-                normalize=method != "lamp",
                 layers=layers,
                 bn=protocol.bn,
                 graph=protocol.graph,
                 exclude=protocol.exclude,
                 seed=protocol.seed,
+                data=_score_data(protocol, method, data),
             )
         )
         before.append(evaluate(model, *_test_set(protocol, data)))

@@ -97,6 +97,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     schedule: str = "constant"
     augment: bool = False
+    pad_value: tuple[float, ...] = ()  # crop padding per channel: the data's black pixel
     seed: int = 0
     eval_every: int = 0
     precision: str = "fp32"
@@ -226,6 +227,18 @@ def lr_at(config: TrainConfig, step: int) -> float:
     return config.lr * 0.1**passed
 
 
+def batch_stream(x: Tensor, y: Tensor, config: TrainConfig, seed: int | None = None) -> BatchStream:
+    """The minibatches a run of ``config`` draws (every engine uses this one stream)."""
+    return BatchStream(
+        x,
+        y,
+        config.batch_size,
+        seed=config.seed if seed is None else seed,
+        augment=config.augment,
+        fill=config.pad_value,
+    )
+
+
 def train(
     model: nn.Module,
     x: Tensor,
@@ -250,7 +263,7 @@ def train(
     device = _model_device(model)
     _check_data(x, y, device, "training")
     wanted = _checkpoint_steps(checkpoints, config.steps)
-    stream = BatchStream(x, y, config.batch_size, seed=config.seed, augment=config.augment)
+    stream = batch_stream(x, y, config)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
     loss_of = forward_loss(config, model)

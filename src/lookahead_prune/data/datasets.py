@@ -40,6 +40,8 @@ class ImageDataset:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
+    augment: bool = False  # whether training on it crops and flips by default
+    pad_value: tuple[float, ...] = ()  # a black pixel per channel, standardised (crop padding)
 
     def to(self, device: str | torch.device) -> ImageDataset:
         """Return a copy whose four tensors live on ``device`` (self if already there)."""
@@ -177,5 +179,7 @@ def load_dataset(
         test_x=standardise(raw.test_x, source.mean, source.std),
         test_y=torch.from_numpy(np.asarray(raw.test_y, dtype=np.int64)),
         num_classes=source.num_classes,
+        augment=source.augment,
+        pad_value=source.black,
     )
     return dataset.to(device)

@@ -62,6 +62,12 @@ class DatasetSource:
     test_size: int
     alternatives: tuple[FileSource, ...] = ()
     bundled: bool = False
+    augment: bool = False  # the official code crops (pad 4) and flips CIFAR and Tiny-ImageNet
+
+    @property
+    def black(self) -> tuple[float, ...]:
+        """A black pixel after standardisation, per channel: what crops are padded with."""
+        return tuple(-m / s for m, s in zip(self.mean, self.std, strict=True))
 
     def file(self, filename: str) -> FileSource:
         """Return the entry for ``filename`` (a required file or an alternative)."""
@@ -150,6 +156,7 @@ SOURCES: dict[str, DatasetSource] = {
         std=(0.24703223, 0.24348513, 0.26158784),
         train_size=50000,
         test_size=10000,
+        augment=True,
     ),
     "tiny-imagenet": DatasetSource(
         name="tiny-imagenet",
@@ -162,5 +169,6 @@ SOURCES: dict[str, DatasetSource] = {
         std=(0.229, 0.224, 0.225),
         train_size=100000,
         test_size=10000,
+        augment=True,
     ),
 }

@@ -13,6 +13,7 @@ from torch import nn
 from .activations import check_activation, make_activation
 from .checks import positive_int
 from .initialization import glorot_init
+from .resnet import shortcut
 
 RESNET50_STAGES: tuple[tuple[int, int, int], ...] = (
     (64, 3, 1),
@@ -50,12 +51,7 @@ class Bottleneck(nn.Module):
         self.act2 = make_activation(activation)
         self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_channels)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_channels),
-            )
+        self.shortcut = shortcut(in_channels, out_channels, stride)
         self.act3 = make_activation(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
