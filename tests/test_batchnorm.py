@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import csv
+import io
+
 import pytest
 import torch
 from torch import nn
 
 import lookahead_prune as lp
+from lookahead_prune.cli import main
 from lookahead_prune.data import BatchStream
+from lookahead_prune.pipeline import Protocol
+from lookahead_prune.store import RunStore, config_hash
 
 BATCHES, BATCH_SIZE, SEED = 3, 5, 7
 
@@ -105,3 +111,70 @@ def test_bad_input_fails_in_one_line():
         lp.recalibrate_batchnorm(net, images(), batches=0)
     with pytest.raises(ValueError, match="batch_size"):
         lp.recalibrate_batchnorm(net, images(), batches=1, batch_size=100)
+
+
+def test_the_run_key_holds_bn_recalibrate_only_when_it_is_asked_for():
+    base = Protocol(model="vgg11", dataset="mnist")
+    assert config_hash(Protocol(model="fcn", dataset="mnist").run_config("lap", 4)) == (
+        "5d04fff4ff7371ff"  # the golden key of test_pipeline, from before the field existed
+    )
+    assert "bn_recalibrate" not in base.run_config("lap", 4)
+    recal = Protocol(model="vgg11", dataset="mnist", bn_recalibrate=50)
+    assert recal.run_config("lap", 4)["bn_recalibrate"] == 50
+    assert recal.dense_config() == base.dense_config()  # the dense model is shared
+    with pytest.raises(ValueError, match="bn_recalibrate must be >= 0"):
+        Protocol(model="vgg11", dataset="mnist", bn_recalibrate=-1)
+    with pytest.raises(ValueError, match="bn_recalibrate must be an integer"):
+        Protocol(model="vgg11", dataset="mnist", bn_recalibrate=2.5)
+
+
+SWEEP = ["sweep", "--dataset", "mnist", "--methods", "mp,lap", "--levels", "2", "--train-steps",
+         "3", "--retrain-steps", "1", "--subset", "120", "--eval-examples", "40",
+         "--batch-size", "20", "--quiet"]  # fmt: skip
+
+
+def test_a_sweep_records_accuracy_before_retraining_with_and_without_recalibration(
+    tmp_path, capsys
+):
+    db = str(tmp_path / "r.sqlite")
+    args = [*SWEEP, "--model", "vgg11", "--db", db, "--bn-recalibrate", "2"]
+    assert main(args) == 0
+    with RunStore(db) as store:
+        rows = store.runs()
+    assert len(rows) == 2
+    for row in rows:
+        assert row["bn_recalibrate"] == 2
+        assert 0 <= row["test_acc_recalibrated"] <= 1 and 0 <= row["train_acc_recalibrated"] <= 1
+    assert main([*SWEEP, "--model", "vgg11", "--db", db]) == 0  # same dense model, no recal
+    with RunStore(db) as store:
+        plain = {r["method"]: r for r in store.runs() if "bn_recalibrate" not in r}
+    assert len(plain) == 2 and "0 dense models trained" in capsys.readouterr().out
+    for row in rows:  # "without recalibration" is the number a plain sweep measures
+        assert row["test_acc_pruned"] == plain[row["method"]]["test_acc_pruned"]
+    assert main(["report", "--db", db, "--format", "csv"]) == 0
+    csv_rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert sorted((r["bn_recalibrate"], bool(r["test_acc_recalibrated"])) for r in csv_rows) == [
+        ("", False), ("", False), ("2", True), ("2", True)
+    ]  # fmt: skip
+    assert main(["report", "--db", db, "--metric", "test_acc_recalibrated"]) == 0
+    assert "batch norm recalibrated" in capsys.readouterr().out
+
+
+def test_old_rows_without_recalibration_stay_reportable(tmp_path, capsys):
+    db = tmp_path / "old.sqlite"
+    config = Protocol(model="vgg11", dataset="mnist").run_config("mp", 2)
+    with RunStore(db) as store:  # a row as stored before the recalibration columns existed
+        store.put(config, {"keep": 0.5, "test_acc_pruned": 0.1, "test_acc_retrained": 0.8},
+                  wall_time=1.0, code_version="old")  # fmt: skip
+    assert main(["report", "--db", str(db), "--format", "csv"]) == 0
+    (row,) = csv.DictReader(io.StringIO(capsys.readouterr().out))
+    assert row["test_acc_recalibrated"] == "" and row["test_acc_pruned"] == "0.1"
+    assert main(["report", "--db", str(db), "--metric", "test_acc_recalibrated"]) == 0
+    assert "no run has test_acc_recalibrated" in capsys.readouterr().err
+
+
+def test_recalibrating_a_model_without_batch_norm_is_refused_before_training(tmp_path, capsys):
+    db = tmp_path / "fcn.sqlite"
+    assert main([*SWEEP, "--model", "fcn", "--db", str(db), "--bn-recalibrate", "2"]) == 2
+    assert "fcn has no batch norm to recalibrate" in capsys.readouterr().err
+    assert not (tmp_path / "fcn-checkpoints").exists()

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from .batchnorm import batchnorm_modules
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .claims import Claims
 from .data import DATASETS, ImageDataset, load_dataset
@@ -71,6 +72,8 @@ class Sweep:
         for model in self.models:  # names, exclude patterns and levels, before anything runs
             for dataset in self.datasets:
                 self._check_levels(replace(self.protocol, model=model, dataset=dataset))
+            if self.protocol.bn_recalibrate and not batchnorm_modules(build_model(model)):
+                raise ValueError(f"bn_recalibrate: {model} has no batch norm to recalibrate")
 
     def _check_levels(self, protocol: Protocol) -> None:
         """Refuse a level that leaves some pruned layer with no weight at all.
