@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 
 import pytest
@@ -178,3 +179,22 @@ def test_recalibrating_a_model_without_batch_norm_is_refused_before_training(tmp
     assert main([*SWEEP, "--model", "fcn", "--db", str(db), "--bn-recalibrate", "2"]) == 2
     assert "fcn has no batch norm to recalibrate" in capsys.readouterr().err
     assert not (tmp_path / "fcn-checkpoints").exists()
+
+
+def test_lap_prune_reports_accuracy_with_and_without_recalibration(tmp_path, capsys, monkeypatch):
+    import lookahead_prune.cli as cli
+
+    real = cli.load_dataset
+
+    def small(*args, **kwargs):  # 200 test images: the command, not VGG's speed, is under test
+        data = real(*args, **kwargs)
+        return dataclasses.replace(data, test_x=data.test_x[:200], test_y=data.test_y[:200])
+
+    monkeypatch.setattr(cli, "load_dataset", small)
+    dense = tmp_path / "vgg.pt"
+    tiny = ["--train-steps", "2", "--subset", "120", "--batch-size", "20", "--quiet"]
+    assert main(["train", "--model", "vgg11", "--out", str(dense), *tiny]) == 0
+    assert main(["prune", str(dense), "--keep", "0.2", "--bn-recalibrate", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "after pruning (no retraining)" in out
+    assert "after recalibrating batch norm on 2 batches" in out
