@@ -72,8 +72,6 @@ class Sweep:
         for model in self.models:  # names, exclude patterns and levels, before anything runs
             for dataset in self.datasets:
                 self._check_levels(replace(self.protocol, model=model, dataset=dataset))
-            if self.protocol.bn_recalibrate and not batchnorm_modules(build_model(model)):
-                raise ValueError(f"bn_recalibrate: {model} has no batch norm to recalibrate")
 
     def _check_levels(self, protocol: Protocol) -> None:
         """Refuse a level that leaves some pruned layer with no weight at all.
@@ -85,6 +83,8 @@ class Sweep:
         net = build_model(
             protocol.model, in_channels=c, image_size=size, activation=protocol.activation
         )
+        if protocol.bn_recalibrate and not batchnorm_modules(net):  # refused before any training
+            raise ValueError(f"bn_recalibrate: {protocol.model} has no batch norm to recalibrate")
         layers = prunable_layers(net)
         dense = dense_layer_names(net) + tuple(excluded_layers(layers, protocol.exclude))
         p, q = protocol.pq
