@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .batchnorm import recalibrate_batchnorm
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DATASETS, DatasetError, load_dataset
 from .engines import ENGINE_CHOICES
@@ -49,6 +50,7 @@ CSV_COLUMNS = [
     "keep",
     "seed",
     "test_acc_pruned",
+    "test_acc_recalibrated",
     "test_acc_retrained",
     "train_acc_pruned",
     "train_acc_retrained",
@@ -56,8 +58,13 @@ CSV_COLUMNS = [
     "mode",
     "train_steps",
     "retrain_steps",
+    "bn_recalibrate",
     "wall_time",
 ]
+BN_RECAL_HELP = (
+    "after pruning, re-estimate batch-norm statistics on N training batches and report "
+    "accuracy before retraining with and without it (0: off)"
+)
 METHOD_HELP = f"comma-separated methods: {', '.join(sorted(SCORES))}, or e.g. lap-forward-seq"
 
 
@@ -132,6 +139,7 @@ def _add_pruning_args(p: argparse.ArgumentParser, *, retrain: int | None) -> Non
     g.add_argument("--p", type=float, default=None, help="conv keep factor per level (None: paper)")
     g.add_argument("--q", type=float, default=None, help="linear keep factor per level")
     g.add_argument("--no-bn", action="store_true", help="LAP without Eq. 9's batch-norm factors")
+    g.add_argument("--bn-recalibrate", type=int, default=0, metavar="N", help=BN_RECAL_HELP)
     g.add_argument("--graph", default="fx", choices=["fx", "sequential"],
                    help="neighbours from the traced graph, or from module order")  # fmt: skip
     g.add_argument(
@@ -209,8 +217,14 @@ def protocol_groups(rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], list[di
 METRIC_WORDS = {
     "test_acc_retrained": "test error (%) after retraining",
     "test_acc_pruned": "test error (%) right after pruning, before retraining",
+    "test_acc_recalibrated": "test error (%) before retraining, batch norm recalibrated",
     "train_acc_retrained": "training error (%) after retraining",
 }
+
+
+BEFORE_RETRAINING = ("test_acc_pruned", "test_acc_recalibrated")
+OPTIONAL_METRICS = ("test_acc_recalibrated",)
+"""Metrics only some runs have (``--bn-recalibrate``): runs without them are left out quietly."""
 
 
 def _title(rows: list[dict[str, Any]], metric: str) -> str:
@@ -218,7 +232,7 @@ def _title(rows: list[dict[str, Any]], metric: str) -> str:
     r = rows[0]
     steps = f"{r.get('train_steps')} training steps"
     how = f"{r.get('mode')} pruning"
-    if metric != "test_acc_pruned":  # retraining has not happened yet for that table
+    if metric not in BEFORE_RETRAINING:  # retraining has not happened yet for that table
         how += f", {r.get('retrain')} retraining"
         steps += f" + {r.get('retrain_steps')} retraining steps"
     what = METRIC_WORDS.get(metric, metric)
@@ -226,6 +240,11 @@ def _title(rows: list[dict[str, Any]], metric: str) -> str:
 
 
 def _print_tables(rows: list[dict[str, Any]], metric: str) -> None:
+    if metric in OPTIONAL_METRICS:
+        rows = [r for r in rows if r.get(metric) is not None]
+        if not rows:
+            print(f"lap report: no run has {metric} (sweep with --bn-recalibrate N)",
+                  file=sys.stderr)  # fmt: skip
     good, problems = reportable(rows, metric)
     for problem in problems:
         print(f"lap report: skipped a run: {problem}", file=sys.stderr)
@@ -255,6 +274,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print()
     for metric in ("test_acc_pruned", "test_acc_retrained"):
         _print_tables(rows, metric)
+    if protocol.bn_recalibrate:
+        _print_tables(rows, "test_acc_recalibrated")
     plot = out / "demo.png"
     plot_accuracy(rows, plot, title="FCN on MNIST: MP vs LAP")
     print(f"{stats.done} runs done, {stats.skipped} already in {db}; plot: {plot}")
@@ -442,7 +463,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         plot = Path(args.plot)
         for i, group in enumerate(groups):
             path = plot if len(groups) == 1 else plot.with_name(f"{plot.stem}-{i}{plot.suffix}")
-            plot_accuracy(group, path, title=_title(group, "test accuracy"))
+            recal = all(r.get("test_acc_recalibrated") is not None for r in group)
+            metrics = ("test_acc_pruned",) + ("test_acc_recalibrated",) * recal
+            plot_accuracy(group, path, metrics=(*metrics, "test_acc_retrained"),
+                          title=_title(group, "test accuracy"))  # fmt: skip
             if not args.quiet:
                 print(f"plot written to {path}", file=sys.stderr)
     return 0
@@ -496,6 +520,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(report.table())
     metrics = evaluate(model, data.test_x, data.test_y)
     print(f"test accuracy after pruning (no retraining): {100 * metrics.accuracy:.2f}%")
+    if args.bn_recalibrate:
+        if not recalibrate_batchnorm(model, data.train_x, batches=args.bn_recalibrate):
+            raise ValueError(f"--bn-recalibrate: {protocol.model} has no batch norm")
+        metrics = evaluate(model, data.test_x, data.test_y)
+        print(
+            f"test accuracy after recalibrating batch norm on {args.bn_recalibrate} batches: "
+            f"{100 * metrics.accuracy:.2f}%"
+        )
     if args.out:
         pruned = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         save_checkpoint(args.out, {"state": pruned, "protocol": saved or protocol.dense_config(),
@@ -573,7 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", default="markdown", choices=["markdown", "csv", "summary-csv"],
         help="paper-style tables, one CSV row per run, or one per table cell",
     )  # fmt: skip
-    metrics = ["test_acc_retrained", "test_acc_pruned", "train_acc_retrained"]
+    metrics = ["test_acc_retrained", "test_acc_pruned", "test_acc_recalibrated",
+               "train_acc_retrained"]  # fmt: skip
     rp.add_argument("--metric", default="test_acc_retrained", choices=metrics,
                     help="what the tables show (as error)")  # fmt: skip
     rp.add_argument("--model", help="only runs of this model")
@@ -602,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="architecture, for checkpoints that do not record it")  # fmt: skip
     pr.add_argument("--dataset", default=None, choices=DATASETS,
                     help="test data, for checkpoints that do not record it")  # fmt: skip
+    pr.add_argument("--bn-recalibrate", type=int, default=0, metavar="N", help=BN_RECAL_HELP)
     pr.add_argument("--out", default=None, help="save the pruned model here")
     _add_score_examples(pr)
     _add_data_args(pr)

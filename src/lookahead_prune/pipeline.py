@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .batchnorm import recalibrate_batchnorm
 from .data import ImageDataset
 from .data.sources import SOURCES
 from .engines import ENGINE_CHOICES, train_many
@@ -107,6 +108,7 @@ class Protocol:
     score_examples: int = field(default=10_000, metadata=ADDED)  # lap-act/obd measure on these
     # crop+flip training batches; None: the dataset's default (CIFAR-10, Tiny-ImageNet: on)
     augment: bool | None = field(default=None, metadata=ADDED | {"key_default": False})
+    bn_recalibrate: int = field(default=0, metadata=ADDED)  # batches re-estimating BN after pruning
     channels_last: bool = field(default=False, metadata=RUNTIME)
     compile: bool = field(default=False, metadata=RUNTIME)
     engine: str = field(default="auto", metadata=RUNTIME)  # how retraining groups compute
@@ -124,6 +126,8 @@ class Protocol:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, not {value!r}")
+        if self.bn_recalibrate < 0:
+            raise ValueError(f"bn_recalibrate must be >= 0 batches, not {self.bn_recalibrate}")
         if isinstance(self.exclude, str):
             raise ValueError(f"exclude must be a list of patterns, not the string {self.exclude!r}")
         object.__setattr__(self, "exclude", tuple(sorted(set(self.exclude))))  # order-free key
@@ -345,6 +349,10 @@ class LevelResult:
     test_loss_retrained: float
     train_acc_retrained: float
     engine: str = "sequential"  # what retrained it (never part of the run's key)
+    # after re-estimating batch-norm statistics (Protocol.bn_recalibrate); None when not asked
+    test_acc_recalibrated: float | None = None
+    test_loss_recalibrated: float | None = None
+    train_acc_recalibrated: float | None = None
 
 
 def prune_and_retrain_many(
@@ -363,7 +371,7 @@ def prune_and_retrain_many(
     give, faster), otherwise one after another. ``progress`` shows a bar for the group.
     """
     p, q = protocol.pq
-    reports, before, before_train = [], [], []
+    reports, before, before_train, recalibrated = [], [], [], []
     configs = []
     for model, (method, level) in zip(models, jobs, strict=True):
         dense_names = dense_layer_names(model) + tuple(
@@ -390,6 +398,7 @@ def prune_and_retrain_many(
         )
         before.append(evaluate(model, *_test_set(protocol, data)))
         before_train.append(evaluate(model, *_train_subset(protocol, data)))
+        recalibrated.append(_recalibrated(protocol, model, data))
         configs.append(_retrain_setup(protocol, model, dense))
     config = configs[0]
     engines = [protocol.engine if protocol.engine != "auto" else "sequential"] * len(models)
@@ -400,8 +409,8 @@ def prune_and_retrain_many(
             )
         engines = [r.engine for r in trained]
     results = []
-    for model, report, b, bt, engine in zip(
-        models, reports, before, before_train, engines, strict=True
+    for model, report, b, bt, recal, engine in zip(
+        models, reports, before, before_train, recalibrated, engines, strict=True
     ):
         after = evaluate(model, *_test_set(protocol, data))
         after_train = evaluate(model, *_train_subset(protocol, data))
@@ -416,9 +425,27 @@ def prune_and_retrain_many(
                 test_loss_retrained=after.loss,
                 train_acc_retrained=after_train.accuracy,
                 engine=engine,
+                **recal,
             )
         )
     return results
+
+
+def _recalibrated(protocol: Protocol, model: nn.Module, data: ImageDataset) -> dict[str, float]:
+    """Re-estimate the pruned model's batch-norm statistics (if asked) and measure it again."""
+    if not protocol.bn_recalibrate:
+        return {}
+    if not recalibrate_batchnorm(
+        model, data.train_x, batches=protocol.bn_recalibrate, batch_size=protocol.batch_size,
+        seed=protocol.seed,
+    ):  # fmt: skip
+        raise ValueError(f"bn_recalibrate: {protocol.model} has no batch norm to recalibrate")
+    test = evaluate(model, *_test_set(protocol, data))
+    return {
+        "test_acc_recalibrated": test.accuracy,
+        "test_loss_recalibrated": test.loss,
+        "train_acc_recalibrated": evaluate(model, *_train_subset(protocol, data)).accuracy,
+    }
 
 
 class _GroupBar:

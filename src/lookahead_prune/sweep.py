@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from .batchnorm import batchnorm_modules
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .claims import Claims
 from .data import DATASETS, ImageDataset, load_dataset
@@ -97,6 +98,8 @@ class Sweep:
         net = build_model(
             protocol.model, in_channels=c, image_size=size, activation=protocol.activation
         )
+        if protocol.bn_recalibrate and not batchnorm_modules(net):  # refused before any training
+            raise ValueError(f"bn_recalibrate: {protocol.model} has no batch norm to recalibrate")
         layers = prunable_layers(net)
         dense = dense_layer_names(net) + tuple(excluded_layers(layers, protocol.exclude))
         p, q = protocol.pq
