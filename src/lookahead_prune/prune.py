@@ -19,10 +19,14 @@ from .graph import (
     GraphError,
     LayerGraph,
     build_graph,
+    canonical,
     check_graph_mode,
+    from_canonical,
+    layer_type,
     layers_only,
     prunable_layers,
 )
+from .graph.capture import ExampleInputs
 from .masks import apply_mask, current_mask, effective_weight, global_masks, top_k_mask
 from .scores import NEIGHBOUR_METHODS, SCORES, Neighbourhood, score_function
 
@@ -106,6 +110,8 @@ class PruneReport:
     steps: int
     scope: str
     layers: tuple[LayerResult, ...]
+    dense: tuple[tuple[str, str], ...] = ()  # weight tensors left dense: (name, why)
+    approximated: tuple[tuple[str, str], ...] = ()  # strict=False: layer, what was opened
 
     @property
     def total(self) -> int:
@@ -141,6 +147,10 @@ class PruneReport:
             f"{'total':<28} {'':<6} {'':<20} {self.kept:>10} {self.total:>10} "
             f"{100 * self.keep:>7.2f}%"
         )
+        for name, why in self.dense:
+            lines.append(f"dense: {name} ({why})")
+        for name, why in self.approximated:
+            lines.append(f"approximated (strict=False): {name}: {why}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -252,15 +262,23 @@ def _graph_for(
     method: str,
     model: nn.Module,
     mode: str,
-    example_inputs: Sequence[Tensor] | None,
+    example_inputs: ExampleInputs,
     skip: frozenset[str] = frozenset(),
+    strict: bool = True,
 ) -> LayerGraph:
     """The traced graph for methods that look at neighbours; bare layers for the others.
 
     MP, RP and LAMP never read a neighbour, so they skip tracing (and work on any model).
     """
     if method in NEIGHBOUR_METHODS:
-        return build_graph(model, mode, example_inputs, skip=skip)
+        graph = build_graph(model, mode, example_inputs, skip=skip, strict=strict)
+        if graph.approximated:
+            warnings.warn(
+                f"strict=False: the neighbours of {sorted(graph.approximated)} could not all "
+                "be followed; those sides get a factor of 1 (see the report)",
+                stacklevel=4,
+            )
+        return graph
     check_graph_mode(mode)
     return layers_only(model)
 
@@ -311,10 +329,11 @@ def compute_masks(
     bn: bool = True,
     normalize: bool = True,
     graph: str = "fx",
-    example_inputs: Sequence[Tensor] | None = None,
+    example_inputs: ExampleInputs = None,
     layers: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
     seed: int = 0,
+    strict: bool = True,
 ) -> tuple[dict[str, Tensor], MethodSpec]:
     """The masks ``prune`` would apply, without touching the model (same arguments)."""
     spec = parse_method(method, order, steps)
@@ -344,10 +363,10 @@ def compute_masks(
                 f"layer '{n}': weight is not a plain parameter (weight_norm or another "
                 "parametrization?); torch.nn.utils.prune cannot mask it."
             )
-    weights = {n: _for_scoring(effective_weight(m)) for n, m in modules.items()}  # read-only
+    weights = _canonical_weights(modules)  # read-only, viewed [out, in/groups, ...]
     _check_finite(weights)
-    alive = {n: current_mask(modules[n]) for n in targets}
-    layer_graph = _graph_for(spec.score, model, graph, example_inputs, skip)
+    alive = {n: canonical(modules[n], current_mask(modules[n])) for n in targets}
+    layer_graph = _graph_for(spec.score, model, graph, example_inputs, skip, strict)
     _score_layers(
         [n for n in targets if n in layer_graph.unreached],
         spec.score,
@@ -385,7 +404,7 @@ def compute_masks(
             alive = global_masks(scores, k, alive)
             if step + 1 < len(plan):
                 weights = weights | {n: weights[n] * alive[n] for n in targets}
-        return alive, spec
+        return _own_layout(modules, alive), spec
     plans = {n: _schedule(finals[n], start[n], spec.steps) for n in targets}
     ordered = [n for n in layer_graph.names() if n in targets]
     if spec.order == "backward":
@@ -404,7 +423,7 @@ def compute_masks(
                 alive[n] = top_k_mask(score, plans[n][step], alive[n])
                 if not (last and i + 1 == len(ordered)):
                     weights = weights | {n: weights[n] * alive[n]}
-    return alive, spec
+    return _own_layout(modules, alive), spec
 
 
 def prune(
@@ -418,10 +437,11 @@ def prune(
     bn: bool = True,
     normalize: bool = True,
     graph: str = "fx",
-    example_inputs: Sequence[Tensor] | None = None,
+    example_inputs: ExampleInputs = None,
     layers: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
     seed: int = 0,
+    strict: bool = True,
 ) -> PruneReport:
     """Prune ``model`` in place so that a ``keep`` fraction of weights survives; see DESIGN.md.
 
@@ -433,7 +453,9 @@ def prune(
     module order like the official code. ``exclude`` (names or glob patterns) leaves layers
     unpruned and, with ``graph='sequential'``, out of the chain too, as the official code
     treats ResNet shortcuts. Masks are applied with ``torch.nn.utils.prune``.
-    A layer left with no weight at all gets a warning that names it.
+    A layer left with no weight at all gets a warning that names it. ``strict=False`` gives
+    layers whose neighbours cannot all be followed a factor of 1 there (named in a warning
+    and the report) instead of failing. The report lists every weight tensor left dense.
     """
     if torch.is_inference_mode_enabled():
         raise ValueError(
@@ -454,6 +476,7 @@ def prune(
         layers=layers,
         exclude=exclude,
         seed=seed,
+        strict=strict,
     )
     modules = prunable_layers(model)
     for name, mask in masks.items():
@@ -461,7 +484,7 @@ def prune(
     results = []
     for name, module in modules.items():
         mask = current_mask(module)
-        kind = "linear" if isinstance(module, nn.Linear) else "conv"
+        kind = layer_type(module).name
         results.append(LayerResult(name, kind, tuple(mask.shape), mask.numel(), int(mask.sum())))
     emptied = [r.name for r in results if r.kept == 0 and r.name in masks]
     if emptied:
@@ -470,7 +493,66 @@ def prune(
             "network is cut there and its output no longer depends on the input",
             stacklevel=2,
         )
-    return PruneReport(spec.score, spec.order, spec.steps, scope, tuple(results))
+    approximated = ()
+    cached = _graph_cache_entry(model)
+    if cached is not None and spec.score in NEIGHBOUR_METHODS:
+        approximated = tuple(sorted(cached.approximated.items()))
+    return PruneReport(
+        spec.score,
+        spec.order,
+        spec.steps,
+        scope,
+        tuple(results),
+        dense_weights(model, set(masks), excluded_layers(modules, exclude)),
+        approximated,
+    )
+
+
+def _graph_cache_entry(model: nn.Module) -> LayerGraph | None:
+    from .graph import _CACHE
+
+    entry = _CACHE.get(model)
+    return None if entry is None else entry[1]
+
+
+def _canonical_weights(modules: Mapping[str, nn.Module]) -> dict[str, Tensor]:
+    """Effective weights viewed ``[out, in/groups, ...]`` (transposed types converted)."""
+    return {n: _for_scoring(canonical(m, effective_weight(m))) for n, m in modules.items()}
+
+
+def _own_layout(modules: Mapping[str, nn.Module], masks: Mapping[str, Tensor]) -> dict:
+    """Masks from the canonical view back in each module's own weight layout."""
+    return {n: from_canonical(modules[n], m) for n, m in masks.items()}
+
+
+def dense_weights(
+    model: nn.Module, pruned: set[str], excluded: Iterable[str] = ()
+) -> tuple[tuple[str, str], ...]:
+    """Every weight tensor (2-D or more) this prune left dense, and why."""
+    excluded = set(excluded)
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    out, seen = [], set()
+    for mname, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if p.dim() < 2 or id(p) in seen:
+                continue
+            seen.add(id(p))
+            full = f"{mname}.{pname}" if mname else pname
+            if mname in pruned and pname in ("weight", "weight_orig"):
+                continue
+            tied = [o for o in owners[id(p)] if o != full]
+            if layer_type(module) is not None and pname in ("weight", "weight_orig"):
+                why = "excluded" if mname in excluded else "not asked for"
+                if hasattr(module, "weight_mask"):
+                    continue  # pruned before, not now: it keeps its mask
+            else:
+                why = f"not prunable ({type(module).__name__}.{pname})"
+            if tied:
+                why += f", tied to {', '.join(tied)}"
+            out.append((full, why))
+    return tuple(out)
 
 
 def compute_scores(
@@ -479,9 +561,10 @@ def compute_scores(
     *,
     bn: bool = True,
     graph: str = "fx",
-    example_inputs: Sequence[Tensor] | None = None,
+    example_inputs: ExampleInputs = None,
     exclude: Iterable[str] = (),
     seed: int = 0,
+    strict: bool = True,
 ) -> dict[str, Tensor]:
     """Scores of every prunable layer's weights, keyed by qualified module name.
 
@@ -497,9 +580,10 @@ def compute_scores(
     if not modules:
         raise ValueError(f"{type(model).__name__} has no prunable layers (nn.Linear/Conv).")
     skip = excluded_layers(modules, exclude)
-    weights = {n: _for_scoring(effective_weight(m)) for n, m in modules.items()}
+    weights = _canonical_weights(modules)
     _check_finite(weights)
-    layer_graph = _graph_for(spec.score, model, graph, example_inputs, skip)
+    layer_graph = _graph_for(spec.score, model, graph, example_inputs, skip, strict)
     generator = torch.Generator().manual_seed(seed)
     scored = [n for n in modules if n not in skip]
-    return _score_layers(scored, spec.score, layer_graph, weights, bn, generator)
+    scores = _score_layers(scored, spec.score, layer_graph, weights, bn, generator)
+    return _own_layout(modules, scores)
