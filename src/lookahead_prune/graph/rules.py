@@ -570,7 +570,10 @@ class Attention(Rule):
 
 
 class Expand(Rule):
-    """expand/broadcast: units stay where their sizes do not change."""
+    """expand/broadcast: units stay where their sizes do not change. A size-1 axis right
+    after a unit axis that is expanded holds copies of those units (grouped-query attention's
+    ``repeat_kv``: key/value heads repeated for several query heads), so it joins the units
+    and each copy maps to the unit it copies."""
 
     name = "expand"
 
@@ -578,7 +581,16 @@ class Expand(Rule):
         out = _align(axes, _ndim(arg), _ndim(node))
         if out is None or _sizes(node, out) != _sizes(arg, axes):
             raise GraphError(f"{cx.describe(node)} broadcasts across units.")
-        return Step("units", out)
+        si = (1,) * (_ndim(node) - _ndim(arg)) + tuple(shape(arg))
+        so = shape(node)
+        copies = [a + 1 for a in out if a + 1 < len(so) and si[a + 1] == 1 and so[a + 1] > 1]
+        copies = [c for c in copies if c not in out]
+        if not copies:
+            return Step("units", out)
+        new = tuple(sorted((*out, *copies)))
+        sizes = [so[a] if a in out else 1 for a in new]
+        grid = _grid(_sizes(arg, axes)).reshape(sizes).expand(*(so[a] for a in new))
+        return Step("units", new, grid.flatten())
 
 
 class Unsupported(Rule):
