@@ -534,7 +534,9 @@ def dense_weights(
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name)
     out, seen = [], set()
-    for mname, module in model.named_modules():
+    mods = list(model.named_modules())
+    mods.sort(key=lambda nm: layer_type(nm[1]) is None)  # a tied weight under its layer's name
+    for mname, module in mods:
         for pname, p in module.named_parameters(recurse=False):
             if p.dim() < 2 or id(p) in seen:
                 continue
