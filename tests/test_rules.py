@@ -222,6 +222,17 @@ def test_sequential_refuses_gates_and_concatenation():
         lp.prune(SqueezeExcite(), "lap", 0.5, graph="sequential")
     with pytest.raises(GraphError, match="concatenation"):
         lp.prune(Inception(), "lap", 0.5, graph="sequential")
+    with pytest.raises(GraphError, match="attention"):
+        lp.prune(ViTBlock(), "lap", 0.5, graph="sequential", example_inputs=torch.zeros(1, 3, 8, 8))
+    swish = nn.Sequential(nn.Linear(3, 4), nn.SiLU(), nn.Linear(4, 2))  # x * sigmoid(x) is no gate
+    lp.prune(swish, "lap", 0.5, graph="sequential")
+
+
+def test_example_inputs_as_keywords():
+    graph = build_graph(
+        TwoInputs(), example_inputs={"x": torch.zeros(1, 3), "y": torch.zeros(1, 4)}
+    )
+    assert lp.neighbour_names(graph, "a") == ([], ["b"])
 
 
 def test_register_passthrough_cannot_replace_a_real_rule():

@@ -29,12 +29,11 @@ from .capture import (
     capture_export,
     capture_fx,
     normalize_inputs,
-    trace_fx,
 )
 from .layers import LAYER_TYPES, LayerType, canonical, from_canonical, layer_type, prunable_layers
-from .rules import CAT, DEFAULT_RULES, MUL, RuleSet, Same, register_passthrough, rule_for
+from .rules import DEFAULT_RULES, RuleSet, Same, register_passthrough, rule_for
 from .types import GraphError, Layer, LayerGraph, Link, UnitScale
-from .walks import analyse, new_layer
+from .walks import analyse, branch_points, new_layer
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear,
@@ -126,7 +125,9 @@ def _capture(model: nn.Module, mode: str, example_inputs: ExampleInputs) -> Capt
         ) from None
 
 
-def _sequential_graph(model: nn.Module, skip: frozenset[str] = frozenset()) -> LayerGraph:
+def _sequential_graph(
+    model: nn.Module, skip: frozenset[str] = frozenset(), example_inputs: ExampleInputs = None
+) -> LayerGraph:
     """The official code's view: prunable layers chained in module order.
 
     Layers in ``skip`` are left out of the chain altogether, as the official code's plain
@@ -134,7 +135,7 @@ def _sequential_graph(model: nn.Module, skip: frozenset[str] = frozenset()) -> L
     it in module order (before the next chained layer) with as many features as the layer
     has outputs.
     """
-    _refuse_branches(model)
+    _refuse_branches(model, example_inputs)
     layers = {n: new_layer(n, m) for n, m in prunable_layers(model).items() if n not in skip}
     if not layers:
         raise GraphError("graph='sequential': every prunable layer is skipped; nothing to chain.")
@@ -174,38 +175,23 @@ def _sequential_graph(model: nn.Module, skip: frozenset[str] = frozenset()) -> L
     return LayerGraph(layers, "sequential", capture="sequential")
 
 
-def _refuse_branches(model: nn.Module) -> None:
-    """Module order cannot express gates (SE, GLU) or concatenation: refuse, don't guess.
+def _refuse_branches(model: nn.Module, example_inputs: ExampleInputs) -> None:
+    """Module order cannot express gates (SE, GLU), concatenation or attention: refuse them.
 
     Residual adds stay allowed: the official code chains ResNets this way (shortcuts left
-    out), and the paper's ResNet results are reproduced with it. Models fx cannot trace are
-    chained as before (that is what the mode is for).
+    out), and the paper's ResNet results are reproduced with it. Models that can be captured
+    neither by fx nor by torch.export are chained as before (that is what the mode is for).
     """
     try:
-        gm = trace_fx(model)
+        cx = _capture(model, "fx", example_inputs)
     except GraphError:
         return
-    probe = Captured(gm.graph, "fx", dict(gm.named_modules()))
-    for node in gm.graph.nodes:
-        rule = rule_for(node, probe)
-        if rule in (MUL, CAT) and len(_tensor_inputs(node)) > 1:
-            kind = "a gate (a * b)" if rule is MUL else "a concatenation"
-            raise GraphError(
-                f"graph='sequential' cannot chain {type(model).__name__}: op '{node.name}' is "
-                f"{kind}, which module order cannot express; use graph='fx'."
-            )
-
-
-def _tensor_inputs(node: fx.Node) -> list[Any]:
-    """Inputs that come from computation (not constants) in an unshaped traced graph."""
-    found: list[Any] = []
-    fx.node.map_arg(
-        (node.args, node.kwargs),
-        lambda n: found.append(n) if n.op not in ("get_attr",) else None,
-    )
-    if node.target in (torch.cat, torch.concat):
-        return list(node.args[0]) if node.args else found
-    return found
+    found = branch_points(cx, model)
+    if found:
+        raise GraphError(
+            f"graph='sequential' cannot chain {type(model).__name__}: {found[0]}, which module "
+            "order cannot express; use graph='fx'."
+        )
 
 
 def _bn_path(bn: nn.Module | None, index: torch.Tensor) -> tuple:
@@ -258,7 +244,7 @@ def build_graph(
     if cached is not None and cached[0] == sig:
         return cached[1]
     if mode == "sequential":
-        graph = _sequential_graph(model, skipped)
+        graph = _sequential_graph(model, skipped, example_inputs)
     else:
         graph = analyse(_capture(model, mode, example_inputs), model, DEFAULT_RULES, strict)
         graph.mode = mode

@@ -279,7 +279,7 @@ def propagate_shapes(
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    run.run(*args, *kwargs.values())
+                    run.run(*_positional(gm, args, kwargs))
             except Exception as exc:  # try the next guess; remember the first failure
                 if first_error is None:
                     where = "" if run.failed is None else f" at {_fx_describe(gm, run.failed)}"
@@ -298,6 +298,20 @@ def propagate_shapes(
         f"{type(model).__name__} does not run {first_error} ({given}); pass "
         "example_inputs=(a batch of real inputs,) so tensor shapes can be learnt"
     )
+
+
+def _positional(gm: fx.GraphModule, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list:
+    """Placeholder values in order: positional inputs, then keywords by name, then defaults."""
+    values = list(args)
+    for p in [n for n in gm.graph.nodes if n.op == "placeholder"][len(args) :]:
+        name = str(p.target).lstrip("*")
+        if name in kwargs:
+            values.append(kwargs[name])
+        elif p.args:
+            values.append(p.args[0])
+        else:
+            raise GraphError(f"example_inputs gives no value for forward()'s argument {name!r}")
+    return values
 
 
 def _fx_describe(gm: fx.GraphModule, node: fx.Node) -> str:

@@ -312,6 +312,30 @@ class _Walker:
         out.append(_Reach("layer", src, name, bns))
 
 
+def branch_points(cx: Captured, model: nn.Module) -> list[str]:
+    """Gates, concatenations of units and attention products: what module order cannot say."""
+    cx.modules_by_name = dict(model.named_modules())
+    walker = _Walker(cx, DEFAULT_RULES)
+    found = []
+    for node, axes in walker.axes_of.items():
+        rule = walker.rule(node)
+        if rule is ATTENTION or (rule is MATMUL and node not in cx.layer_of):
+            found.append(f"{cx.describe(node)} is an attention product")
+        elif rule.name in ("gate", "cat"):
+            try:
+                carriers = rule.carriers(node, axes, cx)
+            except (GraphError, IndexError, TypeError, KeyError):
+                continue
+            if rule.name == "cat":
+                _, dim = rule._parts(node)
+                if dim not in axes:
+                    continue
+            if len({walker.source(c) for c in carriers}) > 1:
+                kind = "a gate (a * b)" if rule.name == "gate" else "a concatenation of units"
+                found.append(f"{cx.describe(node)} is {kind}")
+    return found
+
+
 def _unique(reaches: list[_Reach]) -> list[_Reach]:
     """Layer reaches once per (layer, unit map, scales): the paths inside one element-wise
     function (``x * sigmoid(x)``, tanh-GELU) are one connection, not several."""
