@@ -130,7 +130,9 @@ class PruneReport:
 
     def table(self) -> str:
         """A plain-text table of layers, survivors and kept fractions."""
-        head = f"{'layer':<28} {'kind':<6} {'shape':<20} {'kept':>10} {'total':>10} {'keep':>8}"
+        k = max([6, *(len(r.kind) for r in self.layers)])
+        n = max([28, *(len(r.name) for r in self.layers)])
+        head = f"{'layer':<{n}} {'kind':<{k}} {'shape':<20} {'kept':>10} {'total':>10} {'keep':>8}"
         lines = [
             f"method={self.method} order={self.order} steps={self.steps} scope={self.scope}",
             head,
@@ -139,12 +141,12 @@ class PruneReport:
         for r in self.layers:
             shape = "x".join(map(str, r.shape))
             lines.append(
-                f"{r.name:<28} {r.kind:<6} {shape:<20} {r.kept:>10} {r.total:>10} "
+                f"{r.name:<{n}} {r.kind:<{k}} {shape:<20} {r.kept:>10} {r.total:>10} "
                 f"{100 * r.keep:>7.2f}%"
             )
         lines.append("-" * len(head))
         lines.append(
-            f"{'total':<28} {'':<6} {'':<20} {self.kept:>10} {self.total:>10} "
+            f"{'total':<{n}} {'':<{k}} {'':<20} {self.kept:>10} {self.total:>10} "
             f"{100 * self.keep:>7.2f}%"
         )
         for name, why in self.dense:
