@@ -87,6 +87,16 @@ def test_gpt2_tied_head_is_refused_then_left_dense_when_excluded():
     assert model.lm_head.weight is model.transformer.wte.weight
 
 
+def test_a_pruned_hf_model_is_captured_again_and_pruned_further():
+    model = gpt2()
+    lp.prune(model, "lap", keep=0.5, exclude=["lm_head"])
+    # new example inputs: a fresh capture that sees weight_orig * weight_mask
+    graph = build_graph(model, example_inputs=(TOKENS,))
+    assert not graph.unreached
+    report = lp.prune(model, "lap", keep=0.25, exclude=["lm_head"], example_inputs=(TOKENS,))
+    assert all(r.kept == round(0.25 * r.total) for r in report.layers if r.name != "lm_head")
+
+
 def test_bert_query_key_value_are_parallel_not_chained():
     graph = build_graph(bert())
     a = "encoder.layer.0.attention."

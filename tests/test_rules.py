@@ -235,7 +235,20 @@ def test_example_inputs_as_keywords():
     assert lp.neighbour_names(graph, "a") == ([], ["b"])
 
 
-def test_register_passthrough_cannot_replace_a_real_rule():
+def test_register_passthrough_adds_a_rule_and_cannot_replace_a_real_one():
+    class Erf(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(torch.special.erfc(self.a(x)))
+
+    model = Erf()
+    with pytest.raises(GraphError, match="erfc"):
+        build_graph(model)
+    register_passthrough(torch.special.erfc)  # the next build sees it (the rule set changed)
+    assert lp.neighbour_names(build_graph(model), "a") == ([], ["b"])
     with pytest.raises(ValueError, match="gate"):
         register_passthrough(operator.mul)
 

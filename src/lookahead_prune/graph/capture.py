@@ -445,7 +445,7 @@ def capture_export(model: nn.Module, example_inputs: ExampleInputs) -> Captured:
         io = _LAYER_OPS.get(node.target) if node.op == "call_function" else None
         if io is None or len(node.args) <= io[1]:
             continue
-        w = node.args[io[1]]
+        w = _pruned_weight(node.args[io[1]], cap)
         if not (isinstance(w, fx.Node) and w in cap.params):
             continue
         fqn, tensor = cap.params[w]
@@ -461,6 +461,15 @@ def capture_export(model: nn.Module, example_inputs: ExampleInputs) -> Captured:
         cap.layer_of[node] = name
         cap.layer_input[node] = node.args[io[0]]
     return cap
+
+
+def _pruned_weight(w: Any, cap: Captured) -> Any:
+    """``weight_orig * weight_mask`` (a model pruned before) stands for ``weight_orig``."""
+    if isinstance(w, fx.Node) and w.op == "call_function" and w.target == torch.ops.aten.mul.Tensor:
+        for a in w.args:
+            if isinstance(a, fx.Node) and a in cap.params and cap.params[a][0].endswith("_orig"):
+                return a
+    return w
 
 
 def _weights_by_tensor(model: nn.Module, layers: Mapping[str, nn.Module]) -> dict[int, str]:
