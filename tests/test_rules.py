@@ -190,20 +190,28 @@ def test_lstm_and_embedding_stay_dense_and_are_listed():
     assert "emb.weight" in dense and "dense: rnn.weight_hh_l0" in report.table()
 
 
-def test_transformer_encoder_is_captured_with_export():
+def test_transformer_encoder_is_captured_with_export_and_its_packed_qkv_pruned():
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)
-    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-    x = torch.randn(1, 5, 8)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).double()
+    x = torch.randn(1, 5, 8, dtype=torch.float64)
     graph = build_graph(model, example_inputs=(x,))
     assert graph.capture == "export"
+    attn = "layers.0.self_attn"
+    assert lp.neighbour_names(graph, attn) == ([], [attn + ".out_proj"])
     assert lp.neighbour_names(graph, "layers.0.linear1") == (
-        ["layers.0.self_attn.out_proj"],
+        [attn + ".out_proj"],
         ["layers.0.linear2"],
     )
+    # in_proj_weight packs q, k, v: q and k end in the attention product, v feeds out_proj
+    assert graph[attn].out_open.tolist() == [1.0] * 16 + [0.0] * 8
+    mha = model.layers[0].self_attn
+    s = scores(model, example_inputs=(x,))
+    f_out = torch.cat([torch.ones(16, dtype=x.dtype), cols(mha.out_proj.weight)])
+    assert torch.allclose(s[attn], hand(mha.in_proj_weight, 1, f_out))
     report = lp.prune(model, "lap", keep=0.3, example_inputs=(x,))
     assert all(r.kept == round(0.3 * r.total) for r in report.layers)
-    assert "layers.0.self_attn.in_proj_weight" in dict(report.dense)
+    assert hasattr(mha, "in_proj_weight_mask")
     assert torch.isfinite(model(x)).all()
 
 

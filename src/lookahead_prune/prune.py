@@ -25,6 +25,7 @@ from .graph import (
     layer_type,
     layers_only,
     prunable_layers,
+    weight_name,
 )
 from .graph.capture import ExampleInputs
 from .masks import apply_mask, current_mask, effective_weight, global_masks, top_k_mask
@@ -308,10 +309,11 @@ def _refuse_tied_weights(
         users.setdefault(param.data_ptr(), []).append(name)
     for name in targets:
         module = modules[name]
-        weight = getattr(module, "weight_orig", None)
-        weight = weight if isinstance(weight, Tensor) else module.weight
+        wn = weight_name(module)
+        weight = getattr(module, f"{wn}_orig", None)
+        weight = weight if isinstance(weight, Tensor) else getattr(module, wn)
         shared = sorted(set(users.get(weight.data_ptr(), [])))
-        own = {f"{name}.{attr}" if name else attr for attr in ("weight", "weight_orig")}
+        own = {f"{name}.{attr}" if name else attr for attr in (wn, f"{wn}_orig")}
         others = [n for n in shared if n not in own]
         if others:
             raise ValueError(
@@ -357,17 +359,15 @@ def compute_masks(
         if spec.order != "base":
             raise ValueError("scope='global' prunes all layers at once; use order='base'")
     for n in targets:
-        m = modules[n]
-        if not hasattr(m, "weight_orig") and not isinstance(
-            m._parameters.get("weight"), nn.Parameter
-        ):
+        m, wn = modules[n], weight_name(modules[n])
+        if not hasattr(m, f"{wn}_orig") and not isinstance(m._parameters.get(wn), nn.Parameter):
             raise ValueError(
                 f"layer '{n}': weight is not a plain parameter (weight_norm or another "
                 "parametrization?); torch.nn.utils.prune cannot mask it."
             )
     weights = _canonical_weights(modules)  # read-only, viewed [out, in/groups, ...]
     _check_finite(weights)
-    alive = {n: canonical(modules[n], current_mask(modules[n])) for n in targets}
+    alive = {n: canonical(modules[n], _mask_of(modules[n])) for n in targets}
     layer_graph = _graph_for(spec.score, model, graph, example_inputs, skip, strict)
     _score_layers(
         [n for n in targets if n in layer_graph.unreached],
@@ -482,10 +482,10 @@ def prune(
     )
     modules = prunable_layers(model)
     for name, mask in masks.items():
-        apply_mask(modules[name], mask)
+        apply_mask(modules[name], mask, weight_name(modules[name]))
     results = []
     for name, module in modules.items():
-        mask = current_mask(module)
+        mask = _mask_of(module)
         kind = layer_type(module).name
         results.append(LayerResult(name, kind, tuple(mask.shape), mask.numel(), int(mask.sum())))
     emptied = [r.name for r in results if r.kept == 0 and r.name in masks]
@@ -519,7 +519,15 @@ def _graph_cache_entry(model: nn.Module) -> LayerGraph | None:
 
 def _canonical_weights(modules: Mapping[str, nn.Module]) -> dict[str, Tensor]:
     """Effective weights viewed ``[out, in/groups, ...]`` (transposed types converted)."""
-    return {n: _for_scoring(canonical(m, effective_weight(m))) for n, m in modules.items()}
+    return {
+        n: _for_scoring(canonical(m, effective_weight(m, weight_name(m))))
+        for n, m in modules.items()
+    }
+
+
+def _mask_of(module: nn.Module) -> Tensor:
+    """The current mask of the parameter a prunable module has pruned."""
+    return current_mask(module, weight_name(module))
 
 
 def _own_layout(modules: Mapping[str, nn.Module], masks: Mapping[str, Tensor]) -> dict:
@@ -544,12 +552,13 @@ def dense_weights(
                 continue
             seen.add(id(p))
             full = f"{mname}.{pname}" if mname else pname
-            if mname in pruned and pname in ("weight", "weight_orig"):
+            wn = weight_name(module)
+            if mname in pruned and pname in (wn, f"{wn}_orig"):
                 continue
             tied = [o for o in owners[id(p)] if o != full]
-            if layer_type(module) is not None and pname in ("weight", "weight_orig"):
+            if layer_type(module) is not None and pname in (wn, f"{wn}_orig"):
                 why = "excluded" if mname in excluded else "not asked for"
-                if hasattr(module, "weight_mask"):
+                if hasattr(module, f"{wn}_mask"):
                     continue  # pruned before, not now: it keeps its mask
             else:
                 why = f"not prunable ({type(module).__name__}.{pname})"

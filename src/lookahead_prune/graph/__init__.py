@@ -30,7 +30,15 @@ from .capture import (
     capture_fx,
     normalize_inputs,
 )
-from .layers import LAYER_TYPES, LayerType, canonical, from_canonical, layer_type, prunable_layers
+from .layers import (
+    LAYER_TYPES,
+    LayerType,
+    canonical,
+    from_canonical,
+    layer_type,
+    prunable_layers,
+    weight_name,
+)
 from .rules import DEFAULT_RULES, RuleSet, Same, register_passthrough, rule_for
 from .types import GraphError, Layer, LayerGraph, Link, UnitScale
 from .walks import analyse, branch_points, new_layer
@@ -67,6 +75,7 @@ __all__ = [
     "neighbour_names",
     "prunable_layers",
     "register_passthrough",
+    "weight_name",
 ]
 
 GRAPH_MODES = ("fx", "export", "sequential")

@@ -175,7 +175,8 @@ class _LeafTracer(fx.Tracer):
         self.holders = holders
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if layer_type(m) is not None or isinstance(m, BATCHNORM_TYPES + NORM_TYPES):
+        t = layer_type(m)
+        if (t is not None and t.leaf) or isinstance(m, BATCHNORM_TYPES + NORM_TYPES):
             return True
         if qualname in self.holders:
             return False
@@ -373,7 +374,8 @@ def capture_fx(
     for node in gm.graph.nodes:
         if node.op == "call_module":
             called.add(node.target)
-            if layer_type(modules[node.target]) is not None:
+            t = layer_type(modules[node.target])
+            if t is not None and t.leaf:
                 cap.layer_of[node] = node.target
                 args = tensor_args(node)
                 if len(args) != 1:
@@ -476,7 +478,8 @@ def _weights_by_tensor(model: nn.Module, layers: Mapping[str, nn.Module]) -> dic
     """id(weight tensor) -> layer name, for the weight export lifts into the graph."""
     out: dict[int, str] = {}
     for name, m in layers.items():
-        w = m._parameters.get("weight_orig", m._parameters.get("weight"))
+        wn = layer_type(m).weight
+        w = m._parameters.get(f"{wn}_orig", m._parameters.get(wn))
         if w is not None:
             out.setdefault(id(w), name)
     return out

@@ -23,6 +23,13 @@ class LayerType:
     unit_axis: int  # where units live in the input/output activations: 1 or -1 (last)
     to_canonical: Callable[[Tensor, nn.Module], Tensor] = lambda w, m: w
     from_canonical: Callable[[Tensor, nn.Module], Tensor] = lambda w, m: w
+    weight: str = "weight"  # the parameter that is pruned
+    leaf: bool = True  # one op: torch.fx keeps it whole (else fx traces into it)
+
+
+def _is_packed_mha(m: nn.Module) -> bool:
+    """``nn.MultiheadAttention`` with q, k, v projections packed in ``in_proj_weight``."""
+    return isinstance(m, nn.MultiheadAttention) and bool(m._qkv_same_embed_dim)
 
 
 def _is_hf_conv1d(m: nn.Module) -> bool:
@@ -76,6 +83,14 @@ LAYER_TYPES: list[LayerType] = [
         lambda w, m: w.t(),
         lambda w, m: w.t(),
     ),
+    LayerType(
+        "mha-in-proj",
+        _is_packed_mha,
+        lambda m: (m.embed_dim, 3 * m.embed_dim, 1),
+        -1,
+        weight="in_proj_weight",
+        leaf=False,
+    ),
 ]
 """Prunable layer types, first match wins; append a ``LayerType`` to prune a new kind."""
 
@@ -89,8 +104,14 @@ def layer_type(module: nn.Module) -> LayerType | None:
 
 
 def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Prunable modules (Linear, Conv, ConvTranspose, HF Conv1D) by qualified name, module order."""
+    """Prunable modules (Linear, Conv, ConvTranspose, HF Conv1D, packed MHA) by qualified name."""
     return {n: m for n, m in model.named_modules() if layer_type(m) is not None}
+
+
+def weight_name(module: nn.Module) -> str:
+    """The name of the parameter a prunable module has pruned (``weight`` but for MHA)."""
+    t = layer_type(module)
+    return "weight" if t is None else t.weight
 
 
 def canonical(module: nn.Module, weight: Tensor) -> Tensor:

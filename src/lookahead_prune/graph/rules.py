@@ -501,9 +501,15 @@ class Select(Rule):
         n = _ndim(arg)
         dim = _dim(node, 1, "dim", 0) % n
         if node.target == aten.select.int:
-            if dim in axes:
+            rest = tuple(a - (dim < a) for a in axes if a != dim)
+            if dim not in axes:
+                return Step("units", rest)
+            if not rest:
                 raise GraphError(f"{cx.describe(node)} selects a single unit of axis {dim}.")
-            return Step("units", tuple(a - (dim < a) for a in axes))
+            # one slice of a split unit axis (q, k or v of a packed projection)
+            index = _dim(node, 2, "index", 0) % shape(arg)[dim]
+            grid = _grid(_sizes(arg, axes)).select(axes.index(dim), index)
+            return Step("units", rest, grid.flatten())
         if dim in axes and shape(node)[dim] != shape(arg)[dim]:
             start = _dim(node, 2, "start", 0) or 0
             end = _dim(node, 3, "end", None)
