@@ -148,3 +148,48 @@ def test_lap_variants_prune_hf_models_exactly(make, method, scope):
     else:
         assert sum(r.kept for r in pruned) == round(0.3 * sum(r.total for r in pruned))
     assert torch.isfinite(_output(model)).all()
+
+
+def test_multi_query_attention_every_head_reads_the_one_value_head():
+    cfg = transformers.LlamaConfig(
+        num_hidden_layers=1, hidden_size=16, num_attention_heads=4, num_key_value_heads=1,
+        intermediate_size=24, vocab_size=40, max_position_embeddings=16,
+    )  # fmt: skip
+    graph = build_graph(transformers.LlamaForCausalLM(cfg))
+    link = graph["model.layers.0.self_attn.o_proj"].producers[0]
+    assert link.producer == "model.layers.0.self_attn.v_proj"
+    assert link.index.tolist() == [u % 4 for u in range(16)]
+
+
+def _zoo():
+    small = dict(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+        vocab_size=40, max_position_embeddings=16,
+    )  # fmt: skip
+    t = transformers
+    image = (torch.zeros(1, 3, 32, 32),)
+    return {
+        "distilbert": (t.DistilBertModel, t.DistilBertConfig(
+            dim=16, n_layers=1, n_heads=2, hidden_dim=24, vocab_size=40,
+            max_position_embeddings=16), None),
+        "mistral": (t.MistralForCausalLM, t.MistralConfig(**small, num_key_value_heads=1), None),
+        "t5": (t.T5Model, t.T5Config(d_model=16, d_kv=8, d_ff=24, num_layers=1, num_heads=2,
+            vocab_size=40), {"input_ids": TOKENS, "decoder_input_ids": TOKENS[:, :4]}),
+        "vit": (t.ViTModel, t.ViTConfig(hidden_size=16, num_hidden_layers=1,
+            num_attention_heads=2, intermediate_size=24, image_size=32, patch_size=16), image),
+        "convnext": (t.ConvNextModel, t.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1],
+            num_stages=2, image_size=32), image),
+        "resnet": (t.ResNetModel, t.ResNetConfig(hidden_sizes=[8, 16], depths=[1, 1],
+            embedding_size=8), image),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(_zoo()))
+def test_more_hf_architectures_are_followed_without_approximation(name):
+    cls, cfg, example = _zoo()[name]
+    torch.manual_seed(0)
+    model = cls(cfg)
+    exclude = ["lm_head"] if hasattr(model, "lm_head") else []
+    report = lp.prune(model, "lap", keep=0.3, example_inputs=example, exclude=exclude)
+    assert not report.approximated
+    assert all(r.kept == round(0.3 * r.total) for r in report.layers if r.name not in exclude)

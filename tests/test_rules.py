@@ -291,3 +291,19 @@ def test_lap_variants_run_on_every_tiny_model():
                 assert all(r.kept == round(0.3 * r.total) for r in report.layers), type(m)
             else:
                 assert report.kept == round(0.3 * report.total)
+
+
+def test_a_one_unit_gate_scales_without_carrying_units_and_ends_open():
+    class TokenGate(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.gate, self.out = nn.Linear(4, 6), nn.Linear(6, 1), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = self.inp(x)
+            return self.out(h * torch.sigmoid(self.gate(h)))
+
+    m = TokenGate().double()
+    s = scores(m, example_inputs=(torch.zeros(1, 3, 4, dtype=torch.float64),))
+    assert torch.allclose(s["gate"], hand(m.gate.weight, rows(m.inp.weight), 1))
+    assert torch.allclose(s["out"], hand(m.out.weight, rows(m.inp.weight), 1))

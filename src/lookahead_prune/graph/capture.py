@@ -148,19 +148,19 @@ def normalize_inputs(
 def _evaluating(model: nn.Module) -> Iterator[None]:
     """Eval mode, no grad, no KV cache (Hugging Face) while capturing; restored after."""
     was_training = {m: m.training for m in model.modules()}
-    config = getattr(model, "config", None)
-    use_cache = getattr(config, "use_cache", None)
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
+    cached = [c for c in configs.values() if getattr(c, "use_cache", False) is True]
     model.eval()
-    if use_cache:
-        config.use_cache = False
+    for c in cached:
+        c.use_cache = False
     try:
         with torch.no_grad():
             yield
     finally:
         for m, flag in was_training.items():
             m.training = flag
-        if use_cache:
-            config.use_cache = use_cache
+        for c in cached:
+            c.use_cache = True
 
 
 # --------------------------------------------------------------------------- fx

@@ -162,13 +162,24 @@ class Add(Rule):
     residual = True
 
     def forward(self, node: fx.Node, arg: fx.Node, axes: tuple[int, ...], cx: Captured) -> Step:
-        out = _align(axes, _ndim(arg), _ndim(node))
-        if out is None or _sizes(node, out) != _sizes(arg, axes):
-            return DROP  # a broadcast per-token or per-sample shift carries no units
-        return Step("units", out)
+        out = _broadcast(node, arg, axes)
+        return DROP if out is None else Step("units", out)  # None: a per-token shift
 
     def carriers(self, node: fx.Node, axes: tuple[int, ...], cx: Captured) -> list[fx.Node]:
         return [a for a in tensor_args(node) if a not in cx.params and _carries(a, node, axes)]
+
+
+def _broadcast(node: fx.Node, arg: fx.Node, axes: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The unit axes of ``arg`` in an element-wise result; a size-1 unit axis broadcast there
+    is no unit axis any more. None when ``arg`` is broadcast over units (it carries none)."""
+    out = _align(axes, _ndim(arg), _ndim(node))
+    if out is None:
+        return None
+    s_arg, s_node = _sizes(arg, axes), _sizes(node, out)
+    kept = [(a, x) for a, x, y in zip(out, s_arg, s_node, strict=True) if not (x == 1 and y > 1)]
+    if not kept or any(x != shape(node)[a] for a, x in kept):
+        return None
+    return tuple(a for a, _ in kept)
 
 
 def _carries(arg: fx.Node, node: fx.Node, axes: tuple[int, ...]) -> bool:
@@ -185,9 +196,9 @@ class Mul(Rule):
     name = "gate"
 
     def forward(self, node: fx.Node, arg: fx.Node, axes: tuple[int, ...], cx: Captured) -> Step:
-        out = _align(axes, _ndim(arg), _ndim(node))
-        if out is None or _sizes(node, out) != _sizes(arg, axes):
-            return DROP
+        out = _broadcast(node, arg, axes)
+        if out is None:
+            return DROP  # a statistic or per-token scale: it carries no units
         scale = None
         if node.target in _MUL_TARGETS:
             for other in tensor_args(node):
@@ -201,7 +212,9 @@ class Mul(Rule):
         return [a for a in tensor_args(node) if a not in cx.params and _carries(a, node, axes)]
 
 
-_MUL_TARGETS: set[Any] = {operator.mul, operator.imul, torch.mul, "mul", "mul_", aten.mul.Tensor}
+_MUL_TARGETS: set[Any] = {
+    operator.mul, operator.imul, torch.mul, "mul", "mul_", aten.mul.Tensor, aten.mul_.Tensor
+}  # fmt: skip
 
 
 class Cat(Rule):
@@ -299,11 +312,20 @@ class Reshape(Rule):
                 out = tuple(d for d in dims_out if so[d] != 1) or (dims_out[0],)
                 return Step("units", out)
             contiguous = ax == list(range(ax[0], ax[-1] + 1))
-            if len(touched) == 1 and contiguous and core_ax == core_in[: len(core_ax)]:
-                out_dims = [d for d in dims_out if so[d] != 1]
-                if len(out_dims) == 1:
-                    s = math.prod(si[d] for d in core_in[len(core_ax) :])
-                    return Step("units", (out_dims[0],), torch.arange(so[out_dims[0]]) // s)
+            out_dims = [d for d in dims_out if so[d] != 1]
+            if (
+                len(touched) == 1
+                and contiguous
+                and len(out_dims) == 1
+                and set(core_ax) <= set(core_in)
+            ):
+                # units are a run of dims inside one flattened group: feature f carries unit
+                # (f // inner) % n: a flatten [N, C, H, W] -> [N, C*H*W] gives f // (H*W);
+                # a merge of copies (heads repeated over grouped-query attention, tokens
+                # flattened into features) gives f % n
+                inner = math.prod(si[d] for d in core_in if d > core_ax[-1])
+                n = math.prod(si[d] for d in core_ax)
+                return Step("units", (out_dims[0],), torch.arange(so[out_dims[0]]) // inner % n)
         raise GraphError(
             f"{cx.describe(node)} reshapes {list(si)} to {list(so)}, mixing units (axes "
             f"{ax}) with other dims; only flattening [N, C, ...] to [N, C*...], head "
@@ -695,7 +717,9 @@ _same_aten = [
     "upsample_trilinear3d.vec", "_upsample_nearest_exact2d.vec",
     "upsample_nearest2d.default", "upsample_bilinear2d.default", "pad.default",
     "constant_pad_nd.default", "mul.Scalar", "add.Scalar", "sub.Scalar", "div.Scalar",
-    "masked_fill.Scalar", "max_pool2d_with_indices.default",
+    "masked_fill.Scalar", "max_pool2d_with_indices.default", "hardtanh_.default",
+    "gelu_.default", "sigmoid_.default", "tanh_.default", "leaky_relu_.default",
+    "hardswish_.default", "mul_.Scalar", "add_.Scalar", "div_.Scalar", "dropout_.default",
     "_native_batch_norm_legit_no_training.default",
 ]  # fmt: skip
 
@@ -712,9 +736,10 @@ DEFAULT_RULES.add(Norm(2), aten.layer_norm.default, aten.group_norm.default, ate
 DEFAULT_RULES.add(Norm(1), aten.batch_norm.default)
 DEFAULT_RULES.add(ADD, operator.add, operator.iadd, operator.sub, operator.isub, torch.add)
 DEFAULT_RULES.add(ADD, torch.sub, "add", "add_", "sub", "sub_", aten.add.Tensor, aten.sub.Tensor)
+DEFAULT_RULES.add(ADD, aten.add_.Tensor, aten.sub_.Tensor)
 DEFAULT_RULES.add(MUL, operator.mul, operator.imul, operator.truediv, operator.itruediv)
 DEFAULT_RULES.add(MUL, torch.mul, torch.div, "mul", "mul_", "div", "div_")
-DEFAULT_RULES.add(MUL, aten.mul.Tensor, aten.div.Tensor)
+DEFAULT_RULES.add(MUL, aten.mul.Tensor, aten.div.Tensor, aten.mul_.Tensor, aten.div_.Tensor)
 DEFAULT_RULES.add(CAT, torch.cat, torch.concat, aten.cat.default)
 DEFAULT_RULES.add(RESHAPE, nn.Flatten, nn.Unflatten, torch.flatten, torch.reshape)
 DEFAULT_RULES.add(RESHAPE, torch.squeeze, torch.unsqueeze, "view", "reshape", "flatten")

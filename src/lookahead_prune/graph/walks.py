@@ -416,6 +416,8 @@ def analyse(
                 raise
             approximated[name] = approximated.get(name, "") + f" outputs: {exc}"
             fwd = [_Reach("open", torch.arange(layer.out_units))]
+        if not fwd:  # outputs that only scale others (a one-unit gate): an open end
+            fwd = [_Reach("open", torch.arange(layer.out_units))]
         sunk = torch.zeros(layer.out_units, dtype=torch.bool)
         for r in _unique(fwd):
             if r.kind == "layer":
