@@ -307,3 +307,23 @@ def test_a_one_unit_gate_scales_without_carrying_units_and_ends_open():
     s = scores(m, example_inputs=(torch.zeros(1, 3, 4, dtype=torch.float64),))
     assert torch.allclose(s["gate"], hand(m.gate.weight, rows(m.inp.weight), 1))
     assert torch.allclose(s["out"], hand(m.out.weight, rows(m.inp.weight), 1))
+
+
+@pytest.mark.parametrize("name", ["vgg11", "resnet18", "conv6"])
+def test_export_capture_gives_the_same_lap_scores_as_fx_on_the_paper_models(name, capfd):
+    from lookahead_prune.models import build_model
+
+    torch.manual_seed(0)
+    kw = {"in_channels": 3, "image_size": 32} if name == "vgg11" else {}
+    model = build_model(name, **kw).double()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.2, 2.0)
+                m.running_var.uniform_(0.5, 2.0)
+    by_fx = scores(model)
+    by_export = scores(model, graph="export")  # guessed inputs; failed guesses stay quiet
+    assert build_graph(model, mode="export").capture == "export"
+    for layer, s in by_fx.items():
+        assert torch.allclose(s, by_export[layer], rtol=1e-12, atol=0), layer
+    assert capfd.readouterr().err == ""

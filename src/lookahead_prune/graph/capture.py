@@ -13,6 +13,7 @@ Linear's input is repaired to ``in_features`` and the flatten's unit map follows
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -163,6 +164,24 @@ def _evaluating(model: nn.Module) -> Iterator[None]:
             c.use_cache = True
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """No warnings or tracebacks logged by torch while a guess may fail: one line is ours."""
+    names = ["torch._subclasses.fake_tensor", "torch.export", "torch._export", "torch.fx"]
+    names += ["torch._dynamo", "torch.fx.experimental.symbolic_shapes", "torch._functorch"]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 # --------------------------------------------------------------------------- fx
 
 
@@ -278,8 +297,7 @@ def propagate_shapes(
         for args, kwargs in cands:
             run = _ShapeRun(gm)
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
+                with _quiet():
                     run.run(*_positional(gm, args, kwargs))
             except Exception as exc:  # try the next guess; remember the first failure
                 if first_error is None:
@@ -358,7 +376,7 @@ def guess_inputs(model: nn.Module) -> list[tuple[Tensor, ...]]:
                 cands.append((zeros(1, c, side, side),))
         return cands
     dims = first.weight.dim() - 2
-    sizes = {1: (256, 64, 1024), 2: (32, 64, 224), 3: (16, 32)}[dims]
+    sizes = {1: (256, 64, 1024), 2: (32, 28, 64, 224), 3: (16, 32)}[dims]
     return [(zeros(1, n_in, *([s] * dims)),) for s in sizes]
 
 
@@ -419,8 +437,7 @@ def capture_export(model: nn.Module, example_inputs: ExampleInputs) -> Captured:
     with _evaluating(model):
         for args, kwargs in cands:
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
+                with _quiet():
                     ep = torch.export.export(model, _like_model(model, args), kwargs, strict=False)
                 break
             except Exception as exc:  # try the next guess

@@ -131,10 +131,12 @@ class Norm(Rule):
     def forward(self, node: fx.Node, arg: fx.Node, axes: tuple[int, ...], cx: Captured) -> Step:
         if arg is not tensor_args(node)[0]:
             return DROP
-        return Step("units", axes, None, self._scale(node, axes, cx))
+        return Step("units", axes, None, self._scale(node, arg, axes, cx))
 
-    def _scale(self, node: fx.Node, axes: tuple[int, ...], cx: Captured) -> nn.Module | None:
-        n = n_units(node, axes)
+    def _scale(
+        self, node: fx.Node, arg: fx.Node, axes: tuple[int, ...], cx: Captured
+    ) -> nn.Module | None:
+        n = n_units(arg, axes)
         mod = cx.module(node)
         if mod is not None:
             if isinstance(mod, BATCHNORM_TYPES):
@@ -720,7 +722,6 @@ _same_aten = [
     "masked_fill.Scalar", "max_pool2d_with_indices.default", "hardtanh_.default",
     "gelu_.default", "sigmoid_.default", "tanh_.default", "leaky_relu_.default",
     "hardswish_.default", "mul_.Scalar", "add_.Scalar", "div_.Scalar", "dropout_.default",
-    "_native_batch_norm_legit_no_training.default",
 ]  # fmt: skip
 
 
@@ -733,7 +734,9 @@ DEFAULT_RULES.add(SAME, *_same_modules, *_same_functions, *_same_methods)
 DEFAULT_RULES.add(SAME, *(_op(n) for n in _same_aten))
 DEFAULT_RULES.add(NORM, *BATCHNORM_TYPES, *NORM_TYPES, F.batch_norm, F.layer_norm)
 DEFAULT_RULES.add(Norm(2), aten.layer_norm.default, aten.group_norm.default, aten.rms_norm.default)
-DEFAULT_RULES.add(Norm(1), aten.batch_norm.default)
+DEFAULT_RULES.add(
+    Norm(1), aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default
+)
 DEFAULT_RULES.add(ADD, operator.add, operator.iadd, operator.sub, operator.isub, torch.add)
 DEFAULT_RULES.add(ADD, torch.sub, "add", "add_", "sub", "sub_", aten.add.Tensor, aten.sub.Tensor)
 DEFAULT_RULES.add(ADD, aten.add_.Tensor, aten.sub_.Tensor)
