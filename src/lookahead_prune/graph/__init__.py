@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from .capture import (
     BATCHNORM_TYPES,
@@ -39,7 +39,7 @@ from .layers import (
     prunable_layers,
     weight_name,
 )
-from .rules import DEFAULT_RULES, RuleSet, Same, register_passthrough, rule_for
+from .rules import DEFAULT_RULES, RuleSet, register_passthrough
 from .types import GraphError, Layer, LayerGraph, Link, UnitScale
 from .walks import analyse, branch_points, new_layer
 
@@ -110,13 +110,7 @@ def _capture(model: nn.Module, mode: str, example_inputs: ExampleInputs) -> Capt
     fx_error = None
     if mode == "fx":
         try:
-            probe = Captured(fx.Graph(), "fx", {})
-
-            def same(node: fx.Node, _probe: Captured = probe) -> bool:
-                _probe.modules = dict(node.graph.owning_module.named_modules())
-                return isinstance(rule_for(node, _probe), Same)
-
-            cap, hidden = capture_fx(model, example_inputs, same)
+            cap, hidden = capture_fx(model, example_inputs)
             if not hidden:
                 return cap
             fx_error = f"torch.fx keeps {hidden[0]!r} inside a module it cannot see into"

@@ -266,26 +266,24 @@ class _ShapeRun(fx.Interpreter):
         return result
 
 
-def _fix_repaired(gm: fx.GraphModule, repaired: list[fx.Node], same: Any) -> None:
-    """Give the nodes between a flatten and a repaired Linear the Linear's input width."""
+def _fix_repaired(gm: fx.GraphModule, repaired: list[fx.Node]) -> None:
+    """Give the nodes from a flatten to a repaired Linear the Linear's input width: back
+    through shape-preserving ops (activations, dropout) up to the op that changed the shape."""
     for node in repaired:
         mod = gm.get_submodule(node.target)
         need = layer_type(mod).units(mod)[0]
         cur = node.args[0]
         while isinstance(cur, fx.Node) and is_tensor(cur):
+            args = tensor_args(cur)
+            kept_shape = len(args) == 1 and shape(args[0]) == shape(cur)
             cur.meta["lap_shape"] = (*shape(cur)[:-1], need)
             cur.meta["lap_repaired"] = True
-            if not same(cur):
+            if not kept_shape:
                 break
-            cur = cur.args[0]
+            cur = args[0]
 
 
-def propagate_shapes(
-    gm: fx.GraphModule,
-    model: nn.Module,
-    example_inputs: ExampleInputs,
-    same: Any,
-) -> None:
+def propagate_shapes(gm: fx.GraphModule, model: nn.Module, example_inputs: ExampleInputs) -> None:
     """Run ``gm`` on ``example_inputs`` (or guessed inputs) to learn every node's shape."""
     if example_inputs is not None:
         args, kwargs = normalize_inputs(example_inputs)
@@ -305,7 +303,7 @@ def propagate_shapes(
                     shapes = [list(a.shape) for a in args if isinstance(a, Tensor)]
                     first_error = f"on input {shapes}{where}: {_first_line(exc)}"
                 continue
-            _fix_repaired(gm, run.repaired, same)
+            _fix_repaired(gm, run.repaired)
             return
     if not cands:
         raise GraphError(
@@ -380,12 +378,10 @@ def guess_inputs(model: nn.Module) -> list[tuple[Tensor, ...]]:
     return [(zeros(1, n_in, *([s] * dims)),) for s in sizes]
 
 
-def capture_fx(
-    model: nn.Module, example_inputs: ExampleInputs, same: Any
-) -> tuple[Captured, list[str]]:
+def capture_fx(model: nn.Module, example_inputs: ExampleInputs) -> tuple[Captured, list[str]]:
     """fx capture; also returns prunable layers hidden inside modules fx kept whole."""
     gm = trace_fx(model)
-    propagate_shapes(gm, model, example_inputs, same)
+    propagate_shapes(gm, model, example_inputs)
     modules = dict(gm.named_modules())
     cap = Captured(gm.graph, "fx", modules)
     called: set[str] = set()
