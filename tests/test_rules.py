@@ -16,6 +16,7 @@ from torch import nn
 
 import lookahead_prune as lp
 from lookahead_prune.graph import GraphError, build_graph, register_passthrough
+from lookahead_prune.graph.rules import DEFAULT_RULES, Same
 
 from .any_models import (
     Attention,
@@ -253,6 +254,11 @@ def test_register_passthrough_adds_a_rule_and_cannot_replace_a_real_one():
             return self.b(torch.special.erfc(self.a(x)))
 
     model = Erf()
+    with pytest.raises(GraphError, match="erfc"):
+        build_graph(model)
+    own = DEFAULT_RULES.copy()  # a rule set for one build leaves the default alone
+    own.add(Same(), torch.special.erfc)
+    assert lp.neighbour_names(build_graph(model, rules=own), "a") == ([], ["b"])
     with pytest.raises(GraphError, match="erfc"):
         build_graph(model)
     register_passthrough(torch.special.erfc)  # the next build sees it (the rule set changed)

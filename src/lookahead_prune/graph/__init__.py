@@ -210,6 +210,7 @@ def _signature(
     example_inputs: ExampleInputs,
     skip: frozenset[str],
     strict: bool,
+    rules: RuleSet,
 ) -> Any:
     mods = tuple((n, id(m), type(m)) for n, m in model.named_modules())
     args, kwargs = normalize_inputs(example_inputs)
@@ -217,7 +218,7 @@ def _signature(
         (k, tuple(v.shape) if isinstance(v, torch.Tensor) else repr(v))
         for k, v in [*enumerate(args), *kwargs.items()]
     )
-    return (mode, mods, example_inputs is None, shapes, skip, strict, DEFAULT_RULES.version)
+    return (mode, mods, example_inputs is None, shapes, skip, strict, id(rules), rules.version)
 
 
 def build_graph(
@@ -227,6 +228,7 @@ def build_graph(
     *,
     skip: Iterable[str] = (),
     strict: bool = True,
+    rules: RuleSet = DEFAULT_RULES,
 ) -> LayerGraph:
     """Capture ``model`` and find every prunable layer's neighbours, or chain its layers in
     module order (``mode='sequential'``).
@@ -235,21 +237,23 @@ def build_graph(
     ``example_inputs``, or a guessed input) where fx fails or hides layers inside a module it
     keeps whole; ``'export'`` uses torch.export directly. ``strict=False`` gives a layer whose
     neighbours cannot be followed a factor of 1 on that side and records it in
-    ``graph.approximated``. ``skip`` names layers to leave out of the sequential chain. The
-    result is cached per model object until its modules change.
+    ``graph.approximated``. ``skip`` names layers to leave out of the sequential chain.
+    ``rules`` is the op rule set (``DEFAULT_RULES``, which ``register_passthrough`` edits, or
+    a ``RuleSet`` of your own). The result is cached per model object until its modules, the
+    inputs' shapes or the rules change.
     """
     check_graph_mode(mode)
     if not prunable_layers(model):
         raise _no_layers(model)
     skipped = frozenset(skip) if mode == "sequential" else frozenset()
-    sig = _signature(model, mode, example_inputs, skipped, strict)
+    sig = _signature(model, mode, example_inputs, skipped, strict, rules)
     cached = _CACHE.get(model)
     if cached is not None and cached[0] == sig:
         return cached[1]
     if mode == "sequential":
         graph = _sequential_graph(model, skipped, example_inputs)
     else:
-        graph = analyse(_capture(model, mode, example_inputs), model, DEFAULT_RULES, strict)
+        graph = analyse(_capture(model, mode, example_inputs), model, rules, strict)
         graph.mode = mode
     _CACHE[model] = (sig, graph)
     return graph

@@ -77,6 +77,7 @@ class Captured:
     params: dict[fx.Node, tuple[str, Tensor]] = field(default_factory=dict)  # node -> (fqn, t)
     dense_ops: dict[fx.Node, str] = field(default_factory=dict)  # linear/conv, unpruned weight
     modules_by_name: dict[str, nn.Module] = field(default_factory=dict)  # the model's modules
+    rules: Any = None  # the RuleSet the walks use (set by the analysis)
 
     def module(self, node: fx.Node) -> nn.Module | None:
         """The module a ``call_module`` node calls."""

@@ -439,7 +439,7 @@ class GetItem(Rule):
     def forward(self, node: fx.Node, arg: fx.Node, axes: tuple[int, ...], cx: Captured) -> Step:
         src, idx = node.args[0], node.args[1]
         if isinstance(shape(src), list):
-            split_rule = rule_for(src, cx)
+            split_rule = rule_for(src, cx, cx.rules or DEFAULT_RULES)
             if not isinstance(split_rule, Split):
                 return Step("units", axes) if idx == 0 else DROP
             parts = shape(src)
@@ -653,6 +653,10 @@ class RuleSet:
     functions: dict[Any, Rule] = field(default_factory=dict)
     methods: dict[str, Rule] = field(default_factory=dict)
     version: int = 0
+
+    def copy(self) -> RuleSet:
+        """An independent rule set starting from this one (to extend for one model)."""
+        return RuleSet(dict(self.modules), dict(self.functions), dict(self.methods))
 
     def add(self, rule: Rule, *targets: Any) -> None:
         """Register ``rule`` for each target (a module type, a function/op, a method name)."""

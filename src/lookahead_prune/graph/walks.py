@@ -375,6 +375,7 @@ def analyse(
 ) -> LayerGraph:
     """Layers and links of a captured graph; ``strict=False`` opens what cannot be followed."""
     cx.modules_by_name = dict(model.named_modules())
+    cx.rules = rules
     walker = _Walker(cx, rules)
     layers: dict[str, Layer] = {}
     nodes: dict[str, fx.Node] = {}
