@@ -307,15 +307,9 @@ def propagate_shapes(gm: fx.GraphModule, model: nn.Module, example_inputs: Examp
             _fix_repaired(gm, run.repaired)
             return
     if not cands:
-        raise GraphError(
-            f"cannot guess an input for {type(model).__name__} (its first layer takes no plain "
-            "tensor); pass example_inputs=(a batch of real inputs,)"
-        )
+        raise GraphError("no input can be guessed (no layer reads the input first)")
     given = "the given example_inputs" if example_inputs is not None else "a guessed input"
-    raise GraphError(
-        f"{type(model).__name__} does not run {first_error} ({given}); pass "
-        "example_inputs=(a batch of real inputs,) so tensor shapes can be learnt"
-    )
+    raise GraphError(f"tensor shapes are needed and it does not run {first_error} ({given})")
 
 
 def _positional(gm: fx.GraphModule, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list:
@@ -328,7 +322,7 @@ def _positional(gm: fx.GraphModule, args: Sequence[Any], kwargs: Mapping[str, An
         elif p.args:
             values.append(p.args[0])
         else:
-            raise GraphError(f"example_inputs gives no value for forward()'s argument {name!r}")
+            raise GraphError(f"no value for forward()'s argument {name!r}")
     return values
 
 
