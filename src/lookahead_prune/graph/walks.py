@@ -84,7 +84,8 @@ class _Walker:
         return layer_type(self.cx.modules_by_name[name]).unit_axis
 
     def _annotate(self) -> None:
-        """Unit axes of every node reached forward from a layer (read by back walks)."""
+        """In graph (topological) order: the unit axes of every node reached forward from a
+        layer (read by back walks), and each node's element-wise source (see ``source``)."""
         for node in self.cx.graph.nodes:
             if shape(node) is None:
                 continue
@@ -102,27 +103,19 @@ class _Walker:
                 if step.kind == "units":
                     self.axes_of[node] = step.axes
                     break
-
-    def source(self, node: fx.Node) -> fx.Node:
-        """The node whose units ``node`` is an element-wise function of: up through ops with
-        one unit-carrying input, and through merges whose inputs all share one source."""
-        if node in self._sources:
-            return self._sources[node]
-        self._sources[node] = node  # cycles cannot occur; this also ends recursion at leaves
-        src = node
-        if node not in self.cx.layer_of and node.op not in ("placeholder", "get_attr"):
-            rule = self.rule(node)
-            axes = self.axes_of.get(node)
-            if not isinstance(rule, Unsupported) and axes is not None:
+            if node in self.axes_of and not isinstance(rule, Unsupported):
                 try:
-                    carriers = rule.carriers(node, axes, self.cx)
+                    carriers = rule.carriers(node, self.axes_of[node], self.cx)
                 except (GraphError, IndexError, TypeError, KeyError):
                     carriers = []
                 found = {self.source(c) for c in carriers}
                 if len(found) == 1:
-                    src = found.pop()
-        self._sources[node] = src
-        return src
+                    self._sources[node] = found.pop()
+
+    def source(self, node: fx.Node) -> fx.Node:
+        """The node whose units ``node`` is an element-wise function of: up through ops with
+        one unit-carrying input, and through merges whose inputs all share one source."""
+        return self._sources.get(node, node)
 
     def is_residual(self, rule, node: fx.Node, axes: tuple[int, ...]) -> bool:
         """An add of two or more unit carriers that are not one element-wise function of a
