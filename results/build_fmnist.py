@@ -5,8 +5,9 @@
 Reads the runs that ``results/run_fmnist.sh`` stored and writes, per model, under
 ``results/<db name>-<model>/`` (``fmnist-vgg16/``; ``fmnist-full-vgg16/`` from the full run):
 ``table.md`` and ``table.csv`` (test error after retraining, the paper's layout: mean±std and
-relative change vs MP), ``before_retrain.md`` (error right after pruning), ``accuracy.png``
-(both, against % of weights remaining) and ``protocol.txt``. For ResNet-18 it also writes
+relative change vs MP), ``before_retrain.md`` (error right after pruning; for the batch-norm
+nets also with the statistics re-estimated, from the ``BN_RECAL`` runs of run_fmnist.sh),
+``accuracy.png`` (against % of weights remaining) and ``protocol.txt``. For ResNet-18 it also writes
 ``residual.md``/``residual.csv``: module-order vs graph-aware LAP vs MP (docs/residual-lap.md).
 Nothing here trains or prunes: every number comes from the database.
 """
@@ -14,6 +15,7 @@ Nothing here trains or prunes: every number comes from the database.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 from collections import defaultdict
 from dataclasses import fields
@@ -24,7 +26,7 @@ from build_mnist import _stats, _write_csv, plot_panels, protocol_note
 
 from lookahead_prune.checkpoint import load_checkpoint
 from lookahead_prune.pipeline import Protocol
-from lookahead_prune.report import summarize, to_markdown
+from lookahead_prune.report import method_label, summarize, to_markdown
 from lookahead_prune.store import RunStore, config_hash
 
 HERE = Path(__file__).resolve().parent
@@ -64,8 +66,74 @@ def _error(r: dict[str, Any], metric: str = "test_acc_retrained") -> float:
     return 100 * (1 - r[metric])
 
 
-def model_tables(out: Path, model: str, rows: list[dict[str, Any]]) -> None:
-    """The paper-shaped table (after and before retraining), its CSV and the accuracy plot."""
+def _recalibrated(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs that re-estimated batch-norm statistics after pruning (``--bn-recalibrate``)."""
+    return [r for r in rows if r.get("bn_recalibrate")]
+
+
+def _plain(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if not r.get("bn_recalibrate")]
+
+
+def recalibrated_table(model: str, rows: list[dict[str, Any]], methods: list[str]) -> str:
+    """Error before retraining of the same pruned models without -> with the batch-norm
+    statistics re-estimated (mean over seeds), one row per method, one column per keep."""
+    batches = ", ".join(str(n) for n in sorted({r["bn_recalibrate"] for r in rows}))
+    cells: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        cells[(r["method"], round(100 * r["keep"], 2))].append(r)
+    keeps = sorted({k for _, k in cells}, reverse=True)
+    lines = [
+        f"**{model} on Fashion-MNIST: test error (%) before retraining, without → with the "
+        f"batch-norm statistics re-estimated on {batches} training batches of "
+        f"{rows[0]['batch_size']}**",
+        "",
+        "| Method | " + " | ".join(f"{k:.2f}%" for k in keeps) + " |",
+        "|---|" + "---:|" * len(keeps),
+    ]
+    for method in [m for m in methods if any(m == c for c, _ in cells)]:
+        row = [method_label(method)]
+        for keep in keeps:
+            runs = cells.get((method, keep))
+            if not runs:
+                row.append("—")
+                continue
+            before = _stats([_error(r, "test_acc_pruned") for r in runs])[0]
+            after = _stats([_error(r, "test_acc_recalibrated") for r in runs])[0]
+            row.append(f"{before:.2f} → {after:.2f}")
+        lines.append("| " + " | ".join(row) + " |")
+    seeds = sorted({r["seed"] for r in rows})
+    lines += [
+        "",
+        f"Same pruned models on both sides of the arrow; seeds {seeds} (mean). Recalibration "
+        "changes only the running statistics of the batch norms (`lap sweep --retrain-steps 0 "
+        "--bn-recalibrate N`; library: `lookahead_prune.recalibrate_batchnorm`).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _agreement(rows: list[dict[str, Any]], recal: list[dict[str, Any]]) -> str:
+    """One line: were the recalibration runs pruned from the dense model of the first table?"""
+    dense = {r["seed"]: _error(r, "dense_test_acc") for r in rows}
+    here = {r["seed"]: _error(r, "dense_test_acc") for r in recal}
+    moved = {s: e for s, e in sorted(here.items()) if dense.get(s) != e}
+    if not moved:
+        return "Both tables prune the same dense model(s).\n"
+    errors = "; ".join(
+        f"seed {s}: {e:.2f}% here, {dense.get(s, math.nan):.2f}% above" for s, e in moved.items()
+    )
+    return (
+        "The recalibration runs pruned a dense model trained again (the first one's checkpoint was "
+        f"not kept, and the new one came out different); dense test error {errors}. "
+        "Compare within this table.\n"
+    )
+
+
+def model_tables(
+    out: Path, model: str, rows: list[dict[str, Any]], recal: list[dict[str, Any]]
+) -> None:
+    """The paper-shaped table (after and before retraining), its CSV and the accuracy plot;
+    ``recal`` adds the error before retraining with batch-norm statistics re-estimated."""
     methods = [m for m in TABLE_METHODS[model] if any(r["method"] == m for r in rows)]
     dense = statistics.fmean(_error(r, "dense_test_acc") for r in rows)
     title = (
@@ -76,7 +144,10 @@ def model_tables(out: Path, model: str, rows: list[dict[str, Any]]) -> None:
     before = summarize(rows, metric="test_acc_pruned")
     (out / "table.md").write_text(to_markdown(after, title=title, methods=methods))
     title = f"{model} on Fashion-MNIST: test error (%) right after pruning, before retraining"
-    (out / "before_retrain.md").write_text(to_markdown(before, title=title, methods=methods))
+    text = to_markdown(before, title=title, methods=methods)
+    if recal:
+        text += "\n" + recalibrated_table(model, recal, methods) + "\n" + _agreement(rows, recal)
+    (out / "before_retrain.md").write_text(text)
     groups: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         groups[(r["method"], round(100 * r["keep"], 2))].append(r)
@@ -93,19 +164,23 @@ def model_tables(out: Path, model: str, rows: list[dict[str, Any]]) -> None:
     _write_csv(out / "table.csv", header, lines)
     panels = [
         ("before retraining", rows, "test_acc_pruned"),
+        *([("before retraining, BN recalibrated", recal, "test_acc_recalibrated")] * bool(recal)),
         ("after retraining", rows, "test_acc_retrained"),
     ]
     plot_panels(out / "accuracy.png", panels)
 
 
-def residual_table(out: Path, rows: list[dict[str, Any]]) -> None:
+def residual_table(out: Path, rows: list[dict[str, Any]], recal: list[dict[str, Any]]) -> None:
     """ResNet-18: module-order vs graph-aware LAP vs MP, per level, with shortcuts pruned or
-    not; relative change vs the MP row under the same shortcut rule."""
+    not; relative change vs the MP row under the same shortcut rule. ``recal``: runs with
+    batch-norm statistics re-estimated before retraining, shown beside the plain error."""
     cells: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    recal_cells: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for label, method, graph, excluded in RESIDUAL_VARIANTS:
-        for r in _variant(rows, graph, excluded):
-            if r["method"] == method:
-                cells[(label, r["level"])].append(r)
+        for target, source in ((cells, rows), (recal_cells, recal)):
+            for r in _variant(source, graph, excluded):
+                if r["method"] == method:
+                    target[(label, r["level"])].append(r)
     levels = sorted({lv for _, lv in cells})
     md = ["| variant | " + " | ".join(f"level {lv}" for lv in levels) + " |",
           "|---|" + "---:|" * len(levels)]  # fmt: skip
@@ -120,26 +195,33 @@ def residual_table(out: Path, rows: list[dict[str, Any]]) -> None:
                 continue
             mean, std = _stats([_error(r) for r in runs])
             pmean, _ = _stats([_error(r, "test_acc_pruned") for r in runs])
+            recalibrated = recal_cells.get((label, lv))
+            rmean = _stats([_error(r, "test_acc_recalibrated") for r in recalibrated])[0] if (
+                recalibrated) else None  # fmt: skip
             keep = 100 * runs[0]["keep"]
             text = f"{mean:.2f}±{std:.2f}"
             if method != "mp" and cells.get((base, lv)):
                 ref = _stats([_error(r) for r in cells[(base, lv)]])[0]
                 text += f" ({(mean - ref) / ref * 100:+.1f}%)"
-            row.append(f"{text}<br>pruned: {pmean:.1f}; kept {keep:.2f}%; n={len(runs)}")
+            pruned = f"pruned: {pmean:.1f}" + (
+                f" ({rmean:.1f} BN recal.)" if rmean is not None else ""
+            )
+            row.append(f"{text}<br>{pruned}; kept {keep:.2f}%; n={len(runs)}")
             lines.append((label, lv, f"{keep:.3f}", len(runs), f"{mean:.2f}", f"{std:.2f}",
-                          f"{pmean:.2f}"))  # fmt: skip
+                          f"{pmean:.2f}", "" if rmean is None else f"{rmean:.2f}"))  # fmt: skip
         md.append("| " + " | ".join(row) + " |")
     seeds = sorted({r["seed"] for r in rows})
     md += [
         "",
         "Test error (%) after retraining, mean±std over seeds "
         f"{seeds} (n per cell); in brackets the relative change vs MP under the same shortcut "
-        "rule; then the error right after pruning and the overall % of weights kept. "
+        "rule; then the error right after pruning (in brackets with batch-norm statistics "
+        "re-estimated, where those runs exist) and the overall % of weights kept. "
         "Definitions: docs/residual-lap.md.",
     ]
     (out / "residual.md").write_text("\n".join(md) + "\n")
     header = ["variant", "level", "keep_percent", "n_seeds", "error_mean", "error_std",
-              "error_pruned_mean"]  # fmt: skip
+              "error_pruned_mean", "error_recalibrated_mean"]  # fmt: skip
     _write_csv(out / "residual.csv", header, lines)
 
 
@@ -188,12 +270,15 @@ def main() -> None:
             continue
         out = HERE / f"{Path(args.db).stem}-{model}"  # fmnist-vgg16, fmnist-full-vgg16
         out.mkdir(exist_ok=True)
-        table_rows = _variant(rows, "fx", False)
-        model_tables(out, model, table_rows)
+        table_rows = _variant(_plain(rows), "fx", False)
+        model_tables(out, model, table_rows, _variant(_recalibrated(rows), "fx", False))
         note = protocol_note(table_rows) + settings_note(table_rows)
         note += dense_note(Path(args.db), table_rows)
+        if _recalibrated(rows):
+            note += "batch-norm recalibration runs (no retraining):\n"
+            note += protocol_note(_recalibrated(rows))
         if model == "resnet18":
-            residual_table(out, rows)
+            residual_table(out, _plain(rows), _recalibrated(rows))
             note += "residual study (all variants):\n" + protocol_note(rows)
         (out / "protocol.txt").write_text(note)
         print(f"wrote {out}")

@@ -35,7 +35,7 @@ def test_every_option_has_help_with_its_default_and_no_markup():
                 continue
             assert action.help, f"lap {name} {action.option_strings} has no help"
         assert "(default: " in text, name
-    assert "(default: 50000)" in _subparsers()["sweep"].format_help()
+    assert "None: the paper's for each model" in _subparsers()["sweep"].format_help()
 
 
 def test_every_command_takes_quiet_and_train_takes_only_training_flags():

@@ -214,7 +214,7 @@ def test_unknown_dataset_lists_known_ones():
         load_dataset("imagenet")
     for name in DATASETS:
         assert name in str(info.value)
-    assert set(DATASETS) == {"mnist", "fashion-mnist", "cifar10"}
+    assert set(DATASETS) == {"mnist", "fashion-mnist", "cifar10", "tiny-imagenet"}
 
 
 def test_dataset_to_device_and_shape():

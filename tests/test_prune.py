@@ -185,6 +185,38 @@ def test_global_scope_uses_one_threshold_on_normalised_scores():
     assert len(set(per_layer.values())) > 1  # budgets differ across layers
 
 
+def _hand_global_masks(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """The official code's global pruning, literally: score / ||score|| per layer, one sort."""
+    flat = torch.cat([(s / s.norm()).flatten() for s in scores.values()]).double()
+    order = sorted(range(len(flat)), key=lambda i: (-float(flat[i]), i))
+    keep = torch.zeros(len(flat), dtype=torch.bool)
+    keep[order[:k]] = True
+    out, start = {}, 0
+    for n, s in scores.items():
+        out[n] = keep[start : start + s.numel()].view_as(s)
+        start += s.numel()
+    return out
+
+
+@pytest.mark.parametrize("method", ["mp", "lap"])
+def test_global_normalised_ranks_as_the_official_code(method):
+    """Official MP: |W| / ||W||; official LAP: w²·prev·next (our score squared) / its norm."""
+    model = _mlp(3).double()
+    with torch.no_grad():
+        model[7].weight.mul_(30.0)  # unequal layer norms make the normalisation matter
+    weights = {n: model.get_submodule(n).weight.detach().clone() for n in LAYERS}
+    if method == "mp":
+        official = {n: w.abs() for n, w in weights.items()}
+    else:
+        official = {n: s.square() for n, s in lp.compute_scores(model, "lap").items()}
+    total = sum(w.numel() for w in weights.values())
+    report = lp.prune(model, method, 0.3, scope="global")
+    expected = _hand_global_masks(official, round(0.3 * total))
+    for n in LAYERS:
+        assert torch.equal(model.get_submodule(n).weight_mask.bool(), expected[n]), n
+    assert report.kept == round(0.3 * total)
+
+
 def test_global_lamp_keeps_every_layer_alive():
     model = _mlp(4)
     with torch.no_grad():
@@ -212,7 +244,11 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
         ({"keep": "half"}, TypeError, "number"),
         ({"keep": {"3": 0.5, "nope": 0.5}}, ValueError, "nope"),
         ({"keep": {"3": -0.1}}, ValueError, r"keep\['3'\]"),
-        ({"method": "obd2"}, ValueError, "known methods: lamp, lap, lbp, lfp, mp, rp"),
+        (
+            {"method": "obd2"},
+            ValueError,
+            "known methods: lamp, lap, lap-act, lbp, lfp, mp, obd, rp",
+        ),
         ({"scope": "model"}, ValueError, "scope"),
         ({"keep": {"3": 0.5}, "scope": "global"}, ValueError, "one overall"),
         ({"order": "sideways"}, ValueError, "order"),

@@ -111,3 +111,16 @@ def test_each_conv_model_trains_prunes_and_retrains_a_few_steps(name):
         and not (m.weight[m.weight_mask == 0]).any()
         for m in pruned
     )
+
+
+def test_module_order_chain_scales_conv2_by_bn2_where_the_official_code_takes_the_shortcut_norm(
+    resnet,
+):
+    # docs/residual-lap.md: the official get_bn_weights gives each layer the last batch norm
+    # registered before the next masked layer, shortcut.1 in the downsampling blocks
+    chain = build_graph(resnet, "sequential", skip=SHORTCUTS)
+    for stage in ("layer2", "layer3", "layer4"):
+        block = getattr(resnet, stage)[0]
+        assert chain[f"{stage}.0.conv2"].batchnorm is block.bn2
+        assert chain[f"{stage}.0.conv2"].batchnorm is not block.shortcut[1]
+    assert chain["layer1.0.conv2"].batchnorm is resnet.layer1[0].bn2

@@ -5,6 +5,7 @@
 >>> report = lp.prune(model, method="lap", keep=0.05)
 """
 
+from .batchnorm import recalibrate_batchnorm
 from .engines import ENGINES, train_many
 from .graph import GraphError, LayerGraph, build_graph, neighbour_names, register_passthrough
 from .prune import PruneReport, compute_masks, compute_scores, parse_method, prune
@@ -28,6 +29,7 @@ __all__ = [
     "neighbour_names",
     "parse_method",
     "prune",
+    "recalibrate_batchnorm",
     "register_passthrough",
     "train",
     "train_many",

@@ -19,8 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .data import BatchStream
-from .train import TrainConfig, TrainResult, lr_at
+from .train import TrainConfig, TrainResult, batch_stream, lr_at
 
 
 def batchable(models: Sequence[nn.Module]) -> bool:
@@ -101,9 +100,7 @@ def train_batched(
         if n.endswith("weight_mask") and n.removesuffix("_mask") + "_orig" in params
     ]
     unique = sorted(set(seeds))
-    streams = {
-        s: BatchStream(x, y, config.batch_size, seed=s, augment=config.augment) for s in unique
-    }
+    streams = {s: batch_stream(x, y, config, seed=s) for s in unique}
     which = torch.tensor([unique.index(s) for s in seeds], device=x.device)
     shared = len(unique) == 1
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .batchnorm import recalibrate_batchnorm
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DATASETS, DatasetError, load_dataset
 from .engines import ENGINE_CHOICES
@@ -29,7 +30,16 @@ from .report import (
 )
 from .scores import SCORES
 from .store import RunStore, StoreError, config_hash
-from .sweep import Sweep, clean_checkpoints, levels_from, run_config, run_sweep
+from .sweep import (
+    STEP_FIELDS,
+    Sweep,
+    clean_checkpoints,
+    levels_from,
+    model_steps,
+    protocol_lines,
+    run_config,
+    run_sweep,
+)
 from .train import evaluate, pick_device
 
 CSV_COLUMNS = [
@@ -40,6 +50,7 @@ CSV_COLUMNS = [
     "keep",
     "seed",
     "test_acc_pruned",
+    "test_acc_recalibrated",
     "test_acc_retrained",
     "train_acc_pruned",
     "train_acc_retrained",
@@ -47,8 +58,13 @@ CSV_COLUMNS = [
     "mode",
     "train_steps",
     "retrain_steps",
+    "bn_recalibrate",
     "wall_time",
 ]
+BN_RECAL_HELP = (
+    "after pruning, re-estimate batch-norm statistics on N training batches and report "
+    "accuracy before retraining with and without it (0: off)"
+)
 METHOD_HELP = f"comma-separated methods: {', '.join(sorted(SCORES))}, or e.g. lap-forward-seq"
 
 
@@ -65,10 +81,16 @@ def _doc(func: Any) -> str:
     return (func.__doc__ or "").replace("``", "`")
 
 
-def _add_training_args(p: argparse.ArgumentParser, *, train: int) -> None:
+PAPER_STEPS_HELP = "None: the paper's for each model, e.g. FCN 50k + 50k, Conv-6 30k + 20k"
+
+
+def _add_training_args(p: argparse.ArgumentParser, *, train: int | None) -> None:
     """Options of dense training: every command that trains takes these."""
     g = p.add_argument_group("training")
-    g.add_argument("--train-steps", type=int, default=train, help="steps of dense training")
+    g.add_argument(
+        "--train-steps", type=int, default=train,
+        help="steps of dense training" + (f" ({PAPER_STEPS_HELP})" if train is None else ""),
+    )  # fmt: skip
     g.add_argument("--lr", type=float, default=None, help="learning rate (None: the paper's)")
     g.add_argument("--batch-size", type=int, default=60, help="examples per step")
     g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="optimiser")
@@ -81,6 +103,11 @@ def _add_training_args(p: argparse.ArgumentParser, *, train: int) -> None:
     g.add_argument(
         "--eval-examples", type=int, default=None,
         help="measure accuracy on the first n test (and training) examples (None: all)",
+    )  # fmt: skip
+    g.add_argument(
+        "--augment", action=argparse.BooleanOptionalAction, default=None,
+        help="random crop (pad 4 black pixels) and flip of training batches (None: the "
+        "dataset's default, as the official code: on for CIFAR-10 and Tiny-ImageNet)",
     )  # fmt: skip
     g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: train under bfloat16 autocast (fast on recent GPUs)")  # fmt: skip
@@ -97,10 +124,13 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (None: cuda if present)")
 
 
-def _add_pruning_args(p: argparse.ArgumentParser, *, retrain: int) -> None:
+def _add_pruning_args(p: argparse.ArgumentParser, *, retrain: int | None) -> None:
     """Options of pruning and retraining: what sweeps and the demo take beyond training."""
     g = p.add_argument_group("pruning and retraining")
-    g.add_argument("--retrain-steps", type=int, default=retrain, help="steps of retraining")
+    g.add_argument(
+        "--retrain-steps", type=int, default=retrain,
+        help="steps of retraining" + (f" ({PAPER_STEPS_HELP})" if retrain is None else ""),
+    )  # fmt: skip
     g.add_argument("--retrain", default="finetune", choices=RETRAIN_MODES,
                    help="what retraining starts from")  # fmt: skip
     g.add_argument("--rewind-step", type=int, default=0, help="step rewind-weights returns to")
@@ -109,12 +139,14 @@ def _add_pruning_args(p: argparse.ArgumentParser, *, retrain: int) -> None:
     g.add_argument("--p", type=float, default=None, help="conv keep factor per level (None: paper)")
     g.add_argument("--q", type=float, default=None, help="linear keep factor per level")
     g.add_argument("--no-bn", action="store_true", help="LAP without Eq. 9's batch-norm factors")
+    g.add_argument("--bn-recalibrate", type=int, default=0, metavar="N", help=BN_RECAL_HELP)
     g.add_argument("--graph", default="fx", choices=["fx", "sequential"],
                    help="neighbours from the traced graph, or from module order")  # fmt: skip
     g.add_argument(
         "--scope", default="layer", choices=["layer", "global"],
         help="global: the level's overall fraction under one threshold (normalised scores)",
     )  # fmt: skip
+    _add_score_examples(g)
     g.add_argument(
         "--exclude", default="",
         help="comma-separated layer names or globs left dense and, with --graph sequential, out "
@@ -130,6 +162,13 @@ def _add_pruning_args(p: argparse.ArgumentParser, *, retrain: int) -> None:
         "--batch-models", type=int, default=None,
         help="retrain at most this many pruned copies of a dense model together (None: all "
         "of them with the sparse engine, 16 with vmap on a GPU, else 1)",
+    )  # fmt: skip
+
+
+def _add_score_examples(g: Any) -> None:
+    g.add_argument(
+        "--score-examples", type=int, default=10_000,
+        help="training examples that data scores (lap-act, obd) measure the model on",
     )  # fmt: skip
 
 
@@ -178,8 +217,14 @@ def protocol_groups(rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], list[di
 METRIC_WORDS = {
     "test_acc_retrained": "test error (%) after retraining",
     "test_acc_pruned": "test error (%) right after pruning, before retraining",
+    "test_acc_recalibrated": "test error (%) before retraining, batch norm recalibrated",
     "train_acc_retrained": "training error (%) after retraining",
 }
+
+
+BEFORE_RETRAINING = ("test_acc_pruned", "test_acc_recalibrated")
+OPTIONAL_METRICS = ("test_acc_recalibrated",)
+"""Metrics only some runs have (``--bn-recalibrate``): runs without them are left out quietly."""
 
 
 def _title(rows: list[dict[str, Any]], metric: str) -> str:
@@ -187,7 +232,7 @@ def _title(rows: list[dict[str, Any]], metric: str) -> str:
     r = rows[0]
     steps = f"{r.get('train_steps')} training steps"
     how = f"{r.get('mode')} pruning"
-    if metric != "test_acc_pruned":  # retraining has not happened yet for that table
+    if metric not in BEFORE_RETRAINING:  # retraining has not happened yet for that table
         how += f", {r.get('retrain')} retraining"
         steps += f" + {r.get('retrain_steps')} retraining steps"
     what = METRIC_WORDS.get(metric, metric)
@@ -195,6 +240,11 @@ def _title(rows: list[dict[str, Any]], metric: str) -> str:
 
 
 def _print_tables(rows: list[dict[str, Any]], metric: str) -> None:
+    if metric in OPTIONAL_METRICS:
+        rows = [r for r in rows if r.get(metric) is not None]
+        if not rows:
+            print(f"lap report: no run has {metric} (sweep with --bn-recalibrate N)",
+                  file=sys.stderr)  # fmt: skip
     good, problems = reportable(rows, metric)
     for problem in problems:
         print(f"lap report: skipped a run: {problem}", file=sys.stderr)
@@ -224,6 +274,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print()
     for metric in ("test_acc_pruned", "test_acc_retrained"):
         _print_tables(rows, metric)
+    if protocol.bn_recalibrate:
+        _print_tables(rows, "test_acc_recalibrated")
     plot = out / "demo.png"
     plot_accuracy(rows, plot, title="FCN on MNIST: MP vs LAP")
     print(f"{stats.done} runs done, {stats.skipped} already in {db}; plot: {plot}")
@@ -311,7 +363,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 "instead of passing them as flags"
             )
         proto_fields = {k: v for k, v in cfg.items() if k in {f.name for f in fields(Protocol)}}
-        template = Protocol(**({"model": "fcn", "dataset": "mnist"} | proto_fields))
+        models = _as_list(cfg.get("models", [proto_fields.get("model", "fcn")]), "models")
+        paper = frozenset(f for f in STEP_FIELDS if f not in proto_fields)
+        steps = dict(zip(STEP_FIELDS, model_steps(str(models[0])), strict=True))
+        template = Protocol(
+            **({"model": "fcn", "dataset": "mnist"} | {f: steps[f] for f in paper} | proto_fields)
+        )
         for key in ("db", "data_dir", "device", "backend", "address", "storage"):
             if key in cfg and not isinstance(cfg[key], str):
                 raise ValueError(f"TOML key {key!r} must be a string, not {cfg[key]!r}")
@@ -323,17 +380,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                    ("backend", "address", "cpus_per_task", "gpus_per_task", "storage")}  # fmt: skip
         sweep = Sweep(
             template,
-            _as_list(cfg.get("models", [template.model]), "models"),
+            models,
             _as_list(cfg.get("datasets", [template.dataset]), "datasets"),
             _as_list(cfg["methods"], "methods"),
             _as_list(cfg["levels"], "levels", int),
             _as_list(cfg.get("seeds", [0]), "seeds", int),
+            paper_steps=paper,
         )
         db = cfg.get("db", args.db)
         data_dir, device = cfg.get("data_dir", args.data_dir), cfg.get("device", args.device)
     else:
         if not (args.model and args.methods and args.levels):
             raise SystemExit("lap sweep: give --model, --methods and --levels (or a TOML file)")
+        paper = frozenset(f for f in STEP_FIELDS if getattr(args, f) is None)
+        steps = dict(zip(STEP_FIELDS, model_steps(_split(args.model)[0]), strict=True))
+        for name in paper:
+            setattr(args, name, steps[name])
         template = _protocol(args, "fcn", "mnist", 0)
         sweep = Sweep(
             template,
@@ -342,6 +404,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             _split(args.methods),
             levels_from(args.levels),
             _seeds(args.seeds),
+            paper_steps=paper,
         )
         db, data_dir, device = args.db, args.data_dir, args.device
         cluster = {k: getattr(args, k) for k in
@@ -352,6 +415,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
         require_ray()  # one line on how to install it, before anything runs
         ray_options = RayOptions(**{k: v for k, v in cluster.items() if k != "backend"})
+    for line in protocol_lines(sweep):  # also under --quiet: logs should say what ran
+        print(line)
     stats = run_sweep(
         sweep,
         db,
@@ -398,7 +463,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         plot = Path(args.plot)
         for i, group in enumerate(groups):
             path = plot if len(groups) == 1 else plot.with_name(f"{plot.stem}-{i}{plot.suffix}")
-            plot_accuracy(group, path, title=_title(group, "test accuracy"))
+            recal = all(r.get("test_acc_recalibrated") is not None for r in group)
+            metrics = ("test_acc_pruned",) + ("test_acc_recalibrated",) * recal
+            plot_accuracy(group, path, metrics=(*metrics, "test_acc_retrained"),
+                          title=_title(group, "test accuracy"))  # fmt: skip
             if not args.quiet:
                 print(f"plot written to {path}", file=sys.stderr)
     return 0
@@ -445,10 +513,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
     model = new_model(protocol, data)
     model.load_state_dict(state["state"])
     model.to(data.train_x.device)
-    report = prune(model, args.method, args.keep, scope=args.scope, graph=args.graph)
+    report = prune(
+        model, args.method, args.keep, scope=args.scope, graph=args.graph,
+        data=data.train_x[: args.score_examples],
+    )  # fmt: skip
     print(report.table())
     metrics = evaluate(model, data.test_x, data.test_y)
     print(f"test accuracy after pruning (no retraining): {100 * metrics.accuracy:.2f}%")
+    if args.bn_recalibrate:
+        if not recalibrate_batchnorm(model, data.train_x, batches=args.bn_recalibrate):
+            raise ValueError(f"--bn-recalibrate: {protocol.model} has no batch norm")
+        metrics = evaluate(model, data.test_x, data.test_y)
+        print(
+            f"test accuracy after recalibrating batch norm on {args.bn_recalibrate} batches: "
+            f"{100 * metrics.accuracy:.2f}%"
+        )
     if args.out:
         pruned = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         save_checkpoint(args.out, {"state": pruned, "protocol": saved or protocol.dense_config(),
@@ -517,8 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--storage", default=None,
                    help="folder every node can read and write, for checkpoints (None: Ray's "
                    "object store, with dense models also kept beside the database)")  # fmt: skip
-    _add_training_args(sw, train=50_000)
-    _add_pruning_args(sw, retrain=50_000)
+    _add_training_args(sw, train=None)
+    _add_pruning_args(sw, retrain=None)
 
     rp = command("report", cmd_report)
     rp.add_argument("--db", default="results.sqlite", help="results database to read")
@@ -526,7 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", default="markdown", choices=["markdown", "csv", "summary-csv"],
         help="paper-style tables, one CSV row per run, or one per table cell",
     )  # fmt: skip
-    metrics = ["test_acc_retrained", "test_acc_pruned", "train_acc_retrained"]
+    metrics = ["test_acc_retrained", "test_acc_pruned", "test_acc_recalibrated",
+               "train_acc_retrained"]  # fmt: skip
     rp.add_argument("--metric", default="test_acc_retrained", choices=metrics,
                     help="what the tables show (as error)")  # fmt: skip
     rp.add_argument("--model", help="only runs of this model")
@@ -555,7 +635,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="architecture, for checkpoints that do not record it")  # fmt: skip
     pr.add_argument("--dataset", default=None, choices=DATASETS,
                     help="test data, for checkpoints that do not record it")  # fmt: skip
+    pr.add_argument("--bn-recalibrate", type=int, default=0, metavar="N", help=BN_RECAL_HELP)
     pr.add_argument("--out", default=None, help="save the pruned model here")
+    _add_score_examples(pr)
     _add_data_args(pr)
 
     cl = command("clean", cmd_clean)

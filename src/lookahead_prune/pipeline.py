@@ -16,14 +16,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from .batchnorm import recalibrate_batchnorm
 from .data import ImageDataset
+from .data.sources import SOURCES
 from .engines import ENGINE_CHOICES, train_many
 from .graph import prunable_layers
 from .models import build_model, dense_layer_names
 from .models.activations import ACTIVATIONS
 from .progress import progress_bar
-from .prune import canonical_method, excluded_layers, prune
+from .prune import canonical_method, excluded_layers, parse_method, prune
 from .schedule import kept_fraction, level_keep, paper_pq
+from .scores import score_spec
 from .train import (
     OPTIMIZERS,
     PRECISIONS,
@@ -59,6 +62,7 @@ _FIELD_TYPES: dict[str, tuple[Any, str]] = {
     "str": (lambda v: isinstance(v, str), "a string"),
     "int": (_is_int, "an integer"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "bool | None": (lambda v: v is None or isinstance(v, bool), "true or false"),
     "int | None": (lambda v: v is None or _is_int(v), "an integer"),
     "float | None": (lambda v: v is None or _is_number(v), "a number"),
     "float": (_is_number, "a number"),
@@ -101,6 +105,10 @@ class Protocol:
     exclude: tuple[str, ...] = field(default=(), metadata=ADDED)  # layers left dense (globs)
     eval_examples: int | None = field(default=None, metadata=ADDED)  # None: whole test set
     precision: str = field(default="fp32", metadata=ADDED)  # "bf16": autocast in training
+    score_examples: int = field(default=10_000, metadata=ADDED)  # lap-act/obd measure on these
+    # crop+flip training batches; None: the dataset's default (CIFAR-10, Tiny-ImageNet: on)
+    augment: bool | None = field(default=None, metadata=ADDED | {"key_default": False})
+    bn_recalibrate: int = field(default=0, metadata=ADDED)  # batches re-estimating BN after pruning
     channels_last: bool = field(default=False, metadata=RUNTIME)
     compile: bool = field(default=False, metadata=RUNTIME)
     engine: str = field(default="auto", metadata=RUNTIME)  # how retraining groups compute
@@ -114,13 +122,18 @@ class Protocol:
                               ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):  # fmt: skip
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
-        for name in ("batch_size", "subset"):
+        for name in ("batch_size", "subset", "score_examples"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, not {value!r}")
+        if self.bn_recalibrate < 0:
+            raise ValueError(f"bn_recalibrate must be >= 0 batches, not {self.bn_recalibrate}")
         if isinstance(self.exclude, str):
             raise ValueError(f"exclude must be a list of patterns, not the string {self.exclude!r}")
         object.__setattr__(self, "exclude", tuple(sorted(set(self.exclude))))  # order-free key
+        if self.augment is None:  # resolved here, so the key says what was done
+            source = SOURCES.get(self.dataset)
+            object.__setattr__(self, "augment", bool(source and source.augment))
         if self.engine not in ENGINE_CHOICES:
             raise ValueError(f"engine must be one of {ENGINE_CHOICES}, not {self.engine!r}")
         if self.precision not in PRECISIONS:
@@ -169,7 +182,7 @@ class Protocol:
             if f.metadata.get("runtime") or (names is not None and f.name not in names):
                 continue
             value = getattr(self, f.name)
-            if f.metadata.get("added") and value == f.default:
+            if f.metadata.get("added") and value == f.metadata.get("key_default", f.default):
                 continue
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
@@ -178,7 +191,7 @@ class Protocol:
         """The fields that determine the dense model (its cache key)."""
         keys = ("model", "dataset", "seed", "activation", "train_steps", "batch_size",
                 "optimizer", "schedule", "weight_decay", "subset", "eval_examples",
-                "precision")  # fmt: skip
+                "precision", "augment")  # fmt: skip
         return self._key_fields(keys) | {
             "lr": self.learning_rate,
             "rewind_step": self.rewind_key,
@@ -211,6 +224,8 @@ class Protocol:
             weight_decay=self.weight_decay,
             schedule=schedule or self.schedule,
             seed=self.seed,
+            augment=bool(self.augment),
+            pad_value=SOURCES[self.dataset].black if self.dataset in SOURCES else (),
             precision=self.precision,
             channels_last=self.channels_last,
             compile=self.compile,
@@ -251,6 +266,13 @@ def _train_subset(protocol: Protocol, data: ImageDataset) -> tuple[torch.Tensor,
     """The training examples whose accuracy is reported (the first ones)."""
     n = min(TRAIN_EVAL_EXAMPLES, protocol.eval_examples or TRAIN_EVAL_EXAMPLES, len(data.train_y))
     return data.train_x[:n], data.train_y[:n]
+
+
+def _score_data(protocol: Protocol, method: str, data: ImageDataset) -> torch.Tensor | None:
+    """The first ``score_examples`` training inputs, for methods that measure the model."""
+    if score_spec(parse_method(method).score).data is None:
+        return None
+    return data.train_x[: protocol.score_examples]
 
 
 def _test_set(protocol: Protocol, data: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,6 +349,10 @@ class LevelResult:
     test_loss_retrained: float
     train_acc_retrained: float
     engine: str = "sequential"  # what retrained it (never part of the run's key)
+    # after re-estimating batch-norm statistics (Protocol.bn_recalibrate); None when not asked
+    test_acc_recalibrated: float | None = None
+    test_loss_recalibrated: float | None = None
+    train_acc_recalibrated: float | None = None
 
 
 def prune_and_retrain_many(
@@ -345,7 +371,7 @@ def prune_and_retrain_many(
     give, faster), otherwise one after another. ``progress`` shows a bar for the group.
     """
     p, q = protocol.pq
-    reports, before, before_train = [], [], []
+    reports, before, before_train, recalibrated = [], [], [], []
     configs = []
     for model, (method, level) in zip(models, jobs, strict=True):
         dense_names = dense_layer_names(model) + tuple(
@@ -362,16 +388,17 @@ def prune_and_retrain_many(
                 method,
                 keep,
                 scope=protocol.scope,
-                normalize=method != "lamp",
                 layers=layers,
                 bn=protocol.bn,
                 graph=protocol.graph,
                 exclude=protocol.exclude,
                 seed=protocol.seed,
+                data=_score_data(protocol, method, data),
             )
         )
         before.append(evaluate(model, *_test_set(protocol, data)))
         before_train.append(evaluate(model, *_train_subset(protocol, data)))
+        recalibrated.append(_recalibrated(protocol, model, data))
         configs.append(_retrain_setup(protocol, model, dense))
     config = configs[0]
     engines = [protocol.engine if protocol.engine != "auto" else "sequential"] * len(models)
@@ -382,8 +409,8 @@ def prune_and_retrain_many(
             )
         engines = [r.engine for r in trained]
     results = []
-    for model, report, b, bt, engine in zip(
-        models, reports, before, before_train, engines, strict=True
+    for model, report, b, bt, recal, engine in zip(
+        models, reports, before, before_train, recalibrated, engines, strict=True
     ):
         after = evaluate(model, *_test_set(protocol, data))
         after_train = evaluate(model, *_train_subset(protocol, data))
@@ -398,9 +425,27 @@ def prune_and_retrain_many(
                 test_loss_retrained=after.loss,
                 train_acc_retrained=after_train.accuracy,
                 engine=engine,
+                **recal,
             )
         )
     return results
+
+
+def _recalibrated(protocol: Protocol, model: nn.Module, data: ImageDataset) -> dict[str, float]:
+    """Re-estimate the pruned model's batch-norm statistics (if asked) and measure it again."""
+    if not protocol.bn_recalibrate:
+        return {}
+    if not recalibrate_batchnorm(
+        model, data.train_x, batches=protocol.bn_recalibrate, batch_size=protocol.batch_size,
+        seed=protocol.seed,
+    ):  # fmt: skip
+        raise ValueError(f"bn_recalibrate: {protocol.model} has no batch norm to recalibrate")
+    test = evaluate(model, *_test_set(protocol, data))
+    return {
+        "test_acc_recalibrated": test.accuracy,
+        "test_loss_recalibrated": test.loss,
+        "train_acc_recalibrated": evaluate(model, *_train_subset(protocol, data)).accuracy,
+    }
 
 
 class _GroupBar:

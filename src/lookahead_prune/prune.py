@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .data_scores import MEASURES, Data, measure
 from .graph import (
     GraphError,
     LayerGraph,
@@ -29,7 +30,7 @@ from .graph import (
 )
 from .graph.capture import ExampleInputs
 from .masks import apply_mask, current_mask, effective_weight, global_masks, top_k_mask
-from .scores import NEIGHBOUR_METHODS, SCORES, Neighbourhood, score_function
+from .scores import SCORES, Neighbourhood, scale_rows, score_function, score_spec
 
 ORDERS = ("base", "forward", "backward")
 SCOPES = ("layer", "global")
@@ -66,7 +67,8 @@ def parse_method(method: str, order: str | None = None, steps: int | None = None
     if not isinstance(method, str):
         raise TypeError(f"method must be a string, not {type(method).__name__}")
     parts = method.lower().split("-")
-    base, rest = parts[0], parts[1:]
+    cut = next((i for i in range(len(parts), 0, -1) if "-".join(parts[:i]) in SCORES), 1)
+    base, rest = "-".join(parts[:cut]), parts[cut:]  # the longest registered name: lap-act
     implied_steps = None
     if rest and rest[-1] == "seq":
         implied_steps, rest = SEQ_STEPS, rest[:-1]
@@ -233,7 +235,8 @@ def _score_layers(
     graph: LayerGraph,
     weights: Mapping[str, Tensor],
     bn: bool,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
+    measured: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     names = list(names)
     dead = [n for n in names if n in graph.unreached]
@@ -245,13 +248,42 @@ def _score_layers(
     fn = score_function(method)
     out = {}
     for n in names:
-        out[n] = fn(Neighbourhood(graph[n], weights, bn=bn, generator=generator), graph)
+        nb = Neighbourhood(graph[n], weights, bn=bn, generator=generator, measured=measured)
+        out[n] = fn(nb, graph)
         if not bool(torch.isfinite(out[n]).all()):
             raise ValueError(
                 f"layer '{n}' gets NaN/inf {method} scores; check the batch-norm "
                 "statistics and weights of its neighbours."
             )
     return out
+
+
+def _measured(
+    method: str,
+    model: nn.Module,
+    data: Data | None,
+    targets: Iterable[str],
+    weights: dict[str, Tensor],
+) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+    """For a data score: the weights it ranks and the statistics it reads, measured once.
+
+    Row scales apply to every layer (they change the neighbours too); others to the targets.
+    """
+    need = score_spec(method).data
+    if need is None:
+        return weights, None
+    rows = MEASURES[need].scales_rows
+    stats = measure(need, method, model, data, list(weights if rows else targets))
+    if rows:
+        return scale_rows(weights, stats), None
+    # per-weight statistics (OBD's Hessian) come in the module's layout: view them as scored
+    modules = dict(model.named_modules())
+    return weights, {
+        n: canonical(modules[n], t)
+        if t.shape == getattr(modules[n], weight_name(modules[n])).shape
+        else t
+        for n, t in stats.items()
+    }
 
 
 def _schedule(final: int, start: int, steps: int) -> list[int]:
@@ -271,9 +303,9 @@ def _graph_for(
 ) -> LayerGraph:
     """The traced graph for methods that look at neighbours; bare layers for the others.
 
-    MP, RP and LAMP never read a neighbour, so they skip tracing (and work on any model).
+    MP, RP, LAMP and OBD never read a neighbour, so they skip tracing (and work on any model).
     """
-    if method in NEIGHBOUR_METHODS:
+    if score_spec(method).needs_neighbours:
         graph = build_graph(model, mode, example_inputs, skip=skip, strict=strict)
         if graph.approximated:
             warnings.warn(
@@ -286,13 +318,16 @@ def _graph_for(
     return layers_only(model)
 
 
-def _normalised(scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Per-layer normalisation for global scope, as the official code: s² / ‖s²‖."""
+def _normalised(scores: Mapping[str, Tensor], power: float | None) -> dict[str, Tensor]:
+    """Per-layer normalisation for global scope, as the official code: s^p / ‖s^p‖ with the
+    method's power (the official LAP score is ours squared, its MP is |w|); ``None``: as is."""
+    if power is None:
+        return dict(scores)
     out = {}
     for n, s in scores.items():
-        sq = s.float().square()
-        norm = torch.linalg.vector_norm(sq)
-        out[n] = sq / norm if norm > 0 else sq
+        sp = s.float().pow(power)
+        norm = torch.linalg.vector_norm(sp)
+        out[n] = sp / norm if norm > 0 else sp
     return out
 
 
@@ -337,6 +372,7 @@ def compute_masks(
     layers: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
     seed: int = 0,
+    data: Data | None = None,
     strict: bool = True,
 ) -> tuple[dict[str, Tensor], MethodSpec]:
     """The masks ``prune`` would apply, without touching the model (same arguments)."""
@@ -377,6 +413,7 @@ def compute_masks(
         bn,
         None,
     )  # raises if a pruned layer is never called
+    weights, measured = _measured(spec.score, model, data, targets, weights)
     generator = torch.Generator().manual_seed(seed)
     totals = {n: weights[n].numel() for n in targets}
     start = {n: int(torch.count_nonzero(alive[n])) for n in targets}
@@ -400,9 +437,11 @@ def compute_masks(
             )
         plan = _schedule(total_final, sum(start.values()), spec.steps)
         for step, k in enumerate(plan):
-            scores = _score_layers(targets, spec.score, layer_graph, weights, bn, generator)
+            scores = _score_layers(
+                targets, spec.score, layer_graph, weights, bn, generator, measured
+            )
             if normalize:
-                scores = _normalised(scores)
+                scores = _normalised(scores, score_spec(spec.score).global_power)
             alive = global_masks(scores, k, alive)
             if step + 1 < len(plan):
                 weights = weights | {n: weights[n] * alive[n] for n in targets}
@@ -414,14 +453,18 @@ def compute_masks(
     for step in range(spec.steps):
         last = step + 1 == spec.steps
         if spec.order == "base":
-            scores = _score_layers(ordered, spec.score, layer_graph, weights, bn, generator)
+            scores = _score_layers(
+                ordered, spec.score, layer_graph, weights, bn, generator, measured
+            )
             for n in ordered:
                 alive[n] = top_k_mask(scores[n], plans[n][step], alive[n])
             if not last:
                 weights = weights | {n: weights[n] * alive[n] for n in ordered}
         else:
             for i, n in enumerate(ordered):
-                score = _score_layers([n], spec.score, layer_graph, weights, bn, generator)[n]
+                score = _score_layers(
+                    [n], spec.score, layer_graph, weights, bn, generator, measured
+                )[n]
                 alive[n] = top_k_mask(score, plans[n][step], alive[n])
                 if not (last and i + 1 == len(ordered)):
                     weights = weights | {n: weights[n] * alive[n]}
@@ -443,14 +486,18 @@ def prune(
     layers: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
     seed: int = 0,
+    data: Data | None = None,
     strict: bool = True,
 ) -> PruneReport:
     """Prune ``model`` in place so that a ``keep`` fraction of weights survives; see DESIGN.md.
 
     ``keep`` is one fraction for every prunable layer (or the overall fraction with
     ``scope='global'``), or a dict from layer name to fraction (other layers are left alone).
-    ``method`` is ``mp``, ``rp``, ``lap``, ``lfp``, ``lbp``, ``lamp`` or a shorthand such as
+    ``method`` is ``mp``, ``rp``, ``lap``, ``lfp``, ``lbp``, ``lamp``, a data score (``lap-act``,
+    ``obd``: pass examples as ``data=(x, y)`` or ``data=x``) or a shorthand such as
     ``lap-forward-seq``; ``order``/``steps`` give LAP-forward/backward and the -seq variants.
+    With ``scope='global'`` and ``normalize`` each layer's scores are normalised as the
+    official code does (:attr:`Score.global_power`).
     ``bn=False`` drops Eq. 9's batch-norm factors; ``graph='sequential'`` chains layers in
     module order like the official code. ``exclude`` (names or glob patterns) leaves layers
     unpruned and, with ``graph='sequential'``, out of the chain too, as the official code
@@ -478,6 +525,7 @@ def prune(
         layers=layers,
         exclude=exclude,
         seed=seed,
+        data=data,
         strict=strict,
     )
     modules = prunable_layers(model)
@@ -497,7 +545,7 @@ def prune(
         )
     approximated = ()
     cached = _graph_cache_entry(model)
-    if cached is not None and spec.score in NEIGHBOUR_METHODS:
+    if cached is not None and score_spec(spec.score).needs_neighbours:
         approximated = tuple(sorted(cached.approximated.items()))
     return PruneReport(
         spec.score,
@@ -577,6 +625,7 @@ def compute_scores(
     example_inputs: ExampleInputs = None,
     exclude: Iterable[str] = (),
     seed: int = 0,
+    data: Data | None = None,
     strict: bool = True,
 ) -> dict[str, Tensor]:
     """Scores of every prunable layer's weights, keyed by qualified module name.
@@ -598,5 +647,6 @@ def compute_scores(
     layer_graph = _graph_for(spec.score, model, graph, example_inputs, skip, strict)
     generator = torch.Generator().manual_seed(seed)
     scored = [n for n in modules if n not in skip]
-    scores = _score_layers(scored, spec.score, layer_graph, weights, bn, generator)
+    weights, measured = _measured(spec.score, model, data, scored, weights)
+    scores = _score_layers(scored, spec.score, layer_graph, weights, bn, generator, measured)
     return _own_layout(modules, scores)

@@ -59,9 +59,11 @@ def _round_keep(keep: float) -> float:
 _METRIC_TEXT = {
     "test_acc_retrained": "test {quantity} (%) after retraining",
     "test_acc_pruned": "test {quantity} (%) right after pruning, before retraining",
+    "test_acc_recalibrated": "test {quantity} (%) before retraining, batch norm recalibrated",
 }
 _PLOT_TITLES = {
     "test_acc_pruned": "Before retraining",
+    "test_acc_recalibrated": "Before retraining, BN recalibrated",
     "test_acc_retrained": "After retraining",
 }
 

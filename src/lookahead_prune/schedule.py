@@ -2,7 +2,12 @@
 
 At level τ a conv layer keeps p^τ of its weights, a linear layer q^τ, and the last layer
 ((1+q)/2)^τ; (p, q) = (0, 0.5) for the MLPs and (0.85, 0.8) for the conv nets. Layers a model
-lists in ``dense_layers`` (ResNet-18's first conv) stay dense.
+lists in ``dense_layers`` (the first conv of ResNet-18, ResNet-50 and WRN-16-8) stay dense.
+
+The official code states the same rule as per-layer prune ratios r with keep (1 - r)^τ: for
+its 64x64 Tiny-ImageNet models ``vgg19_64`` [.15]*16 + [.10], ``resnet50_64`` [0] + [.15]*48 +
+[.10] and ``wrn-16-8_64`` [0] + [.15]*12 + [.10], i.e. (p, q) = (0.85, 0.8) with the stem dense
+(r = 0) for ResNet-50 and WRN only; their shortcut convs are never pruned there (``exclude``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ PAPER_PQ: dict[str, tuple[float, float]] = {
     "vgg16": (0.85, 0.8),
     "vgg19": (0.85, 0.8),
     "resnet18": (0.85, 0.8),
+    "vgg19-64": (0.85, 0.8),
+    "resnet50-64": (0.85, 0.8),
+    "wrn-16-8-64": (0.85, 0.8),
 }
 """The paper's (p, q) per model: conv and linear keep factors per level."""
 

@@ -50,6 +50,7 @@ class Neighbourhood:
     weights: Mapping[str, Tensor]
     bn: bool = True
     generator: torch.Generator | None = None
+    measured: Mapping[str, Tensor] | None = None  # per-layer statistics of a data score
 
     @property
     def weight(self) -> Tensor:
@@ -166,22 +167,55 @@ def lamp(nb: Neighbourhood, graph: LayerGraph) -> Tensor:
 
 ScoreFn = Callable[[Neighbourhood, LayerGraph], Tensor]
 
-SCORES: dict[str, ScoreFn] = {
-    "mp": magnitude,
-    "rp": random_scores,
-    "lap": lookahead,
-    "lfp": lookahead_forward_only,
-    "lbp": lookahead_backward_only,
-    "lamp": lamp,
+
+@dataclass(frozen=True)
+class Score:
+    """A registered method: its score function and what it needs, declared in one place.
+
+    ``global_power``: global scope ranks ``s**p / ‖s**p‖`` per layer, the official code's
+    normalised score (its LAP is our score squared, its MP is |w| itself); ``None`` leaves
+    the scores as they are (RP and LAMP, as the official code and LAMP's authors compare them).
+    ``data``: the name of a :data:`~lookahead_prune.data_scores.MEASURES` entry that turns
+    examples into per-layer statistics before scoring (activation rates, Hessian diagonals).
+    """
+
+    fn: ScoreFn
+    needs_neighbours: bool = False
+    global_power: float | None = 1.0
+    data: str | None = None
+
+
+def activation_lookahead(nb: Neighbourhood, graph: LayerGraph) -> Tensor:
+    """LAP-act: LAP on weights whose rows are scaled by sqrt(activation rate) (official code).
+
+    The scaling is done once for all layers by ``prune`` (:func:`scale_rows`), so this is LAP.
+    """
+    return lookahead(nb, graph)
+
+
+def optimal_brain_damage(nb: Neighbourhood, graph: LayerGraph) -> Tensor:
+    """OBD (LeCun et al., 1990): 1/2 · h_ii · w², h_ii the Hessian diagonal of the loss."""
+    assert nb.measured is not None
+    return nb.measured[nb.layer.name].to(nb.weight) * nb.weight.square() / 2
+
+
+SCORES: dict[str, Score] = {
+    "mp": Score(magnitude),
+    "rp": Score(random_scores, global_power=None),
+    "lap": Score(lookahead, needs_neighbours=True, global_power=2.0),
+    "lfp": Score(lookahead_forward_only, needs_neighbours=True, global_power=2.0),
+    "lbp": Score(lookahead_backward_only, needs_neighbours=True, global_power=2.0),
+    "lamp": Score(lamp, global_power=None),
+    "lap-act": Score(
+        activation_lookahead, needs_neighbours=True, global_power=2.0, data="activation"
+    ),
+    "obd": Score(optimal_brain_damage, data="hessian"),
 }
-"""Score functions by method name; add an entry to register a new method."""
-
-NEIGHBOUR_METHODS: set[str] = {"lap", "lfp", "lbp"}
-"""Methods whose scores read neighbouring layers (and so need the traced graph)."""
+"""Registered methods by name; add an entry to register a new one."""
 
 
-def score_function(method: str) -> ScoreFn:
-    """The registered score function for ``method``; unknown names list the known ones."""
+def score_spec(method: str) -> Score:
+    """The registered :class:`Score` for ``method``; unknown names list the known ones."""
     try:
         return SCORES[method]
     except KeyError:
@@ -189,3 +223,17 @@ def score_function(method: str) -> ScoreFn:
             f"unknown method {method!r}; known methods: {', '.join(sorted(SCORES))} "
             "(and lap-forward, lap-backward, lap-forward-seq, lap-backward-seq)"
         ) from None
+
+
+def score_function(method: str) -> ScoreFn:
+    """The registered score function for ``method``; unknown names list the known ones."""
+    return score_spec(method).fn
+
+
+def scale_rows(weights: Mapping[str, Tensor], scales: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Weights whose output unit k is multiplied by ``scales[name][k]`` (LAP-act's reweighting)."""
+    out = dict(weights)
+    for name, scale in scales.items():
+        w = weights[name]
+        out[name] = w * scale.to(w).view(-1, *([1] * (w.dim() - 1)))
+    return out

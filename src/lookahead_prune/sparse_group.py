@@ -31,10 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import BatchStream
 from .hookless import refresh_pruned
 from .mlp_chain import ChainStep, mlp_chain
-from .train import LOSS_WINDOW, TrainConfig, TrainResult, make_optimizer, set_lr
+from .train import (
+    LOSS_WINDOW,
+    TrainConfig,
+    TrainResult,
+    batch_stream,
+    make_optimizer,
+    set_lr,
+)
 
 __all__ = ["density", "sparse_why_not", "train_sparse_group"]
 
@@ -276,7 +282,7 @@ def train_sparse_group(
         raise ValueError(f"the sparse engine cannot train these models: {reason}")
     group = _Group(models)
     optimizer = make_optimizer(group.parameters(), config)
-    stream = BatchStream(x, y, config.batch_size, seed=config.seed, augment=config.augment)
+    stream = batch_stream(x, y, config)
     tail_start = config.steps - min(LOSS_WINDOW, config.steps)
     tail: list[Tensor] = []
     start = time.perf_counter()

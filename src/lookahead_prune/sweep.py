@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from .batchnorm import batchnorm_modules
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .claims import Claims
 from .data import DATASETS, ImageDataset, load_dataset
@@ -41,7 +42,15 @@ from .progress import progress_bar
 from .prune import canonical_method, excluded_layers
 from .schedule import level_keep
 from .store import RunStore, code_version, config_hash
-from .train import pick_device
+from .train import PAPER_STEPS, pick_device
+
+STEP_FIELDS = ("train_steps", "retrain_steps")
+
+
+def model_steps(model: str) -> tuple[int, int]:
+    """The paper's (training, retraining) steps for ``model``; FCN's 50k + 50k for models
+    the paper does not train (the official code's 32x32 WRN, models a user registers)."""
+    return PAPER_STEPS.get(model, PAPER_STEPS["fcn"])
 
 
 @dataclass(frozen=True)
@@ -54,8 +63,15 @@ class Sweep:
     methods: Sequence[str]
     levels: Sequence[int]
     seeds: Sequence[int]
+    paper_steps: frozenset[str] = frozenset()
+    """Step fields (``train_steps``, ``retrain_steps``) each model takes from the paper
+    (:data:`~lookahead_prune.train.PAPER_STEPS`) instead of the template: FCN 50k + 50k,
+    Conv-6 30k + 20k, ..., as when a user gives no step counts."""
 
     def __post_init__(self) -> None:
+        unknown_steps = set(self.paper_steps) - set(STEP_FIELDS)
+        if unknown_steps:
+            raise ValueError(f"paper_steps takes {STEP_FIELDS}, not {sorted(unknown_steps)}")
         methods = [canonical_method(m) for m in self.methods]  # LAP, lap-base -> lap
         object.__setattr__(self, "methods", methods)
         for name in ("models", "datasets", "methods", "levels", "seeds"):  # keep order, no repeats
@@ -70,7 +86,7 @@ class Sweep:
             raise ValueError(f"unknown dataset(s) {unknown}; known datasets: {', '.join(DATASETS)}")
         for model in self.models:  # names, exclude patterns and levels, before anything runs
             for dataset in self.datasets:
-                self._check_levels(replace(self.protocol, model=model, dataset=dataset))
+                self._check_levels(self._for(model, dataset, self.protocol.seed))
 
     def _check_levels(self, protocol: Protocol) -> None:
         """Refuse a level that leaves some pruned layer with no weight at all.
@@ -82,6 +98,8 @@ class Sweep:
         net = build_model(
             protocol.model, in_channels=c, image_size=size, activation=protocol.activation
         )
+        if protocol.bn_recalibrate and not batchnorm_modules(net):  # refused before any training
+            raise ValueError(f"bn_recalibrate: {protocol.model} has no batch norm to recalibrate")
         layers = prunable_layers(net)
         dense = dense_layer_names(net) + tuple(excluded_layers(layers, protocol.exclude))
         p, q = protocol.pq
@@ -97,16 +115,43 @@ class Sweep:
                     f"(keep {min(keep[n] for n in empty):.2e}); use a lower level"
                 )
 
+    def _for(self, model: str, dataset: str, seed: int) -> Protocol:
+        """The template for one (model, dataset, seed), with the paper's steps where asked."""
+        steps = dict(zip(STEP_FIELDS, model_steps(model), strict=True))
+        given = {name: steps[name] for name in self.paper_steps}
+        return replace(self.protocol, model=model, dataset=dataset, seed=seed, **given)
+
     def protocols(self) -> list[Protocol]:
         """One protocol per (model, dataset, seed): each trains one dense model."""
         return [
-            replace(self.protocol, model=m, dataset=d, seed=s)
+            self._for(m, d, s)
             for m, d, s in itertools.product(self.models, self.datasets, self.seeds)
         ]
 
     def size(self) -> int:
         """Number of pruning runs in the grid."""
         return len(self.protocols()) * len(self.methods) * len(self.levels)
+
+
+def protocol_lines(sweep: Sweep) -> list[str]:
+    """One line per (model, dataset) saying what the sweep trains: steps, optimiser, data."""
+    lines, seen = [], set()
+    for p in sweep.protocols():
+        if (p.model, p.dataset) in seen:
+            continue
+        seen.add((p.model, p.dataset))
+        source = {True: " (the paper's)", False: ""}
+        pq = ", ".join(f"{v:g}" for v in p.pq)
+        lines.append(
+            f"protocol: {p.model} on {p.dataset}: train {p.train_steps} steps"
+            f"{source['train_steps' in sweep.paper_steps]}, retrain {p.retrain_steps} "
+            f"({p.retrain}){source['retrain_steps' in sweep.paper_steps]}; {p.optimizer} "
+            f"lr {p.learning_rate:g} {p.schedule}, batch {p.batch_size}, augment "
+            f"{'on' if p.augment else 'off'}; {p.mode} {p.scope}-scope levels "
+            f"{','.join(map(str, sweep.levels))} (p, q = {pq}); seeds "
+            f"{','.join(map(str, sweep.seeds))}; methods {','.join(sweep.methods)}"
+        )
+    return lines
 
 
 @dataclass

@@ -56,6 +56,9 @@ PAPER_LR: dict[str, float] = {
     "vgg16": 3e-4,
     "vgg19": 3e-4,
     "resnet18": 3e-4,
+    "vgg19-64": 3e-4,  # the official code's Tiny-ImageNet models (hyperparameter.py)
+    "resnet50-64": 3e-4,
+    "wrn-16-8-64": 3e-4,
 }
 PAPER_DEFAULT_LR = 3e-4
 """The paper's rate for every model other than FCN ("all other models")."""
@@ -68,8 +71,11 @@ PAPER_STEPS: dict[str, tuple[int, int]] = {
     "resnet18": (35_000, 25_000),
     "vgg16": (50_000, 35_000),
     "vgg19": (60_000, 40_000),
+    "vgg19-64": (60_000, 40_000),  # the official code's Tiny-ImageNet models (hyperparameter.py)
+    "resnet50-64": (60_000, 40_000),
+    "wrn-16-8-64": (60_000, 40_000),
 }
-"""(initial training, retraining) steps per model, Appendix C."""
+"""(initial training, retraining) steps per model, Appendix C and the official code."""
 
 LOSS_WINDOW = 100
 """``TrainResult.final_loss`` averages the training loss over this many last steps."""
@@ -91,6 +97,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     schedule: str = "constant"
     augment: bool = False
+    pad_value: tuple[float, ...] = ()  # crop padding per channel: the data's black pixel
     seed: int = 0
     eval_every: int = 0
     precision: str = "fp32"
@@ -220,6 +227,18 @@ def lr_at(config: TrainConfig, step: int) -> float:
     return config.lr * 0.1**passed
 
 
+def batch_stream(x: Tensor, y: Tensor, config: TrainConfig, seed: int | None = None) -> BatchStream:
+    """The minibatches a run of ``config`` draws (every engine uses this one stream)."""
+    return BatchStream(
+        x,
+        y,
+        config.batch_size,
+        seed=config.seed if seed is None else seed,
+        augment=config.augment,
+        fill=config.pad_value,
+    )
+
+
 def train(
     model: nn.Module,
     x: Tensor,
@@ -244,7 +263,7 @@ def train(
     device = _model_device(model)
     _check_data(x, y, device, "training")
     wanted = _checkpoint_steps(checkpoints, config.steps)
-    stream = BatchStream(x, y, config.batch_size, seed=config.seed, augment=config.augment)
+    stream = batch_stream(x, y, config)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
     loss_of = forward_loss(config, model)

@@ -5,8 +5,9 @@ others are downloaded when online) into standardised tensors; :class:`BatchStrea
 draws shuffled, optionally augmented minibatches from them on the training device.
 
 Modules: :mod:`.sources` (file names, MD5s, mirrors, constants), :mod:`.locate` (data
-directory lookup), :mod:`.checksum`, :mod:`.download`, :mod:`.idx` and :mod:`.cifar`
-(file formats), :mod:`.datasets` (:func:`load_dataset`), :mod:`.batches`.
+directory lookup), :mod:`.checksum`, :mod:`.download`, :mod:`.idx`, :mod:`.cifar` and
+:mod:`.tiny_imagenet` (file formats), :mod:`.npz_cache` (decoded datasets kept as uint8
+``.npz``), :mod:`.datasets` (:func:`load_dataset`), :mod:`.batches`.
 """
 
 from .batches import BatchStream, crop_flip, iterate_eval

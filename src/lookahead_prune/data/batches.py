@@ -8,7 +8,7 @@ come from seeded CPU generators, so a stream is reproducible on any device.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,17 +27,33 @@ def _check_pair(x: Tensor, y: Tensor, batch_size: int) -> None:
         raise ValueError(f"x is on {x.device} but y is on {y.device}")
 
 
-def crop_flip(x: Tensor, dy: Tensor, dx: Tensor, flip: Tensor, *, pad: int) -> Tensor:
-    """Crop each zero-padded image of ``x`` at its own offset, then mirror the flagged ones.
+def crop_flip(
+    x: Tensor,
+    dy: Tensor,
+    dx: Tensor,
+    flip: Tensor,
+    *,
+    pad: int,
+    fill: Sequence[float] = (),
+) -> Tensor:
+    """Crop each padded image of ``x`` at its own offset, then mirror the flagged ones.
 
     ``x`` is ``[B, C, H, W]``; output ``b`` is ``pad(x[b])[:, dy[b]:dy[b]+H, dx[b]:dx[b]+W]``,
     flipped left-right where ``flip[b]``, so offsets ``dy = dx = pad`` with no flip
-    give back ``x``. Offsets lie in ``0..2*pad``. Fully vectorised.
+    give back ``x``. Offsets lie in ``0..2*pad``. The border is ``fill`` per channel (a
+    black pixel once standardised; zeros when empty). Fully vectorised.
     """
     if x.ndim != 4:
         raise ValueError(f"crop_flip expects images [B, C, H, W], got shape {tuple(x.shape)}")
     batch, channels, height, width = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))
+    if fill and len(fill) != channels:
+        raise ValueError(f"fill has {len(fill)} values for {channels} channels")
+    if fill:
+        value = torch.tensor(fill, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        padded = value.expand(batch, channels, height + 2 * pad, width + 2 * pad).clone()
+        padded[:, :, pad : pad + height, pad : pad + width] = x
+    else:
+        padded = F.pad(x, (pad, pad, pad, pad))
     padded_width = width + 2 * pad
     rows = dy.to(x.device)[:, None] + torch.arange(height, device=x.device)  # [B, H]
     cols = torch.arange(width, device=x.device).expand(batch, width)
@@ -54,8 +70,9 @@ class BatchStream:
     Each epoch is a fresh permutation (drawn on CPU from a generator seeded with
     ``seed``), so every example appears exactly once per epoch; with ``drop_last``
     the incomplete final batch of an epoch is skipped, otherwise it is yielded short.
-    ``augment=True`` applies random crop (zero padding ``pad``) and horizontal flip
-    per example. Padding is zero in the standardised space, i.e. the channel mean.
+    ``augment=True`` applies random crop (padding ``pad`` pixels of ``fill``, per channel:
+    pass the dataset's ``pad_value``, a black pixel; zeros, the channel mean, when empty) and
+    horizontal flip per example.
     Augmentation uses its own generator, so the order of examples does not depend
     on it. The same arguments always give the same batches.
     """
@@ -70,6 +87,7 @@ class BatchStream:
         augment: bool = False,
         drop_last: bool = True,
         pad: int = 4,
+        fill: Sequence[float] = (),
     ) -> None:
         _check_pair(x, y, batch_size)
         if x.shape[0] == 0:
@@ -88,6 +106,7 @@ class BatchStream:
         self.augment = augment
         self.drop_last = drop_last
         self.pad = pad
+        self.fill = tuple(fill)
         self.epoch = 0  # number of epochs begun so far
         self._order = torch.Generator().manual_seed(seed)
         self._aug = torch.Generator().manual_seed(seed ^ 0x5DEECE66D)
@@ -118,7 +137,7 @@ class BatchStream:
             size = index.shape[0]
             offsets = torch.randint(0, 2 * self.pad + 1, (2, size), generator=self._aug)
             flip = torch.randint(0, 2, (size,), generator=self._aug).bool()
-            xb = crop_flip(xb, offsets[0], offsets[1], flip, pad=self.pad)
+            xb = crop_flip(xb, offsets[0], offsets[1], flip, pad=self.pad, fill=self.fill)
         return xb, yb
 
 

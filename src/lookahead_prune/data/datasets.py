@@ -9,7 +9,7 @@ one tensor per split, which is what :class:`~.batches.BatchStream` expects.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from .idx import read_idx_images, read_idx_labels
 from .locate import ensure_file, find_local
 from .sources import SOURCES, DatasetSource
 from .splits import RawSplits
+from .tiny_imagenet import load_tiny_imagenet
 
 __all__ = ["DATASETS", "ImageDataset", "load_dataset", "standardise"]
 
@@ -39,6 +40,8 @@ class ImageDataset:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
+    augment: bool = False  # whether training on it crops and flips by default
+    pad_value: tuple[float, ...] = ()  # a black pixel per channel, standardised (crop padding)
 
     def to(self, device: str | torch.device) -> ImageDataset:
         """Return a copy whose four tensors live on ``device`` (self if already there)."""
@@ -103,7 +106,11 @@ def _load_idx(
 
 
 def _load_cifar(
-    source: DatasetSource, data_dir: str | Path | None, download: bool, verify: bool
+    source: DatasetSource,
+    data_dir: str | Path | None,
+    download: bool,
+    verify: bool,
+    subset: int | None = None,
 ) -> RawSplits:
     """Read CIFAR-10 from the binary archive, else the python one, else download binary."""
     binary, python = source.files[0], source.alternatives[0]
@@ -115,6 +122,28 @@ def _load_cifar(
         return read_cifar10_python(path)
     path = ensure_file(source, binary, data_dir, download=download, verify=verify)
     return read_cifar10_binary(path)
+
+
+def _load_tiny_imagenet(
+    source: DatasetSource,
+    data_dir: str | Path | None,
+    download: bool,
+    verify: bool,
+    subset: int | None = None,
+) -> RawSplits:
+    """Read Tiny-ImageNet from its decoded cache or its zip archive (see :mod:`.tiny_imagenet`)."""
+    return load_tiny_imagenet(source, data_dir, download=download, verify=verify).splits
+
+
+Reader = Callable[[DatasetSource, str | Path | None, bool, bool, int | None], RawSplits]
+
+_READERS: dict[str, Reader] = {
+    "mnist": _load_idx,
+    "fashion-mnist": _load_idx,
+    "cifar10": _load_cifar,
+    "tiny-imagenet": _load_tiny_imagenet,
+}
+"""How each dataset's files become raw splits: (source, data_dir, download, verify, subset)."""
 
 
 def load_dataset(
@@ -140,10 +169,7 @@ def load_dataset(
         raise ValueError(
             f"subset must be between 1 and {source.train_size} for {name}, got {subset}"
         )
-    if name == "cifar10":
-        raw = _load_cifar(source, data_dir, download, verify)
-    else:
-        raw = _load_idx(source, data_dir, download, verify, subset)
+    raw = _READERS[name](source, data_dir, download, verify, subset)
     train_x = raw.train_x[:subset] if subset is not None else raw.train_x
     train_y = raw.train_y[:subset] if subset is not None else raw.train_y
     dataset = ImageDataset(
@@ -153,5 +179,7 @@ def load_dataset(
         test_x=standardise(raw.test_x, source.mean, source.std),
         test_y=torch.from_numpy(np.asarray(raw.test_y, dtype=np.int64)),
         num_classes=source.num_classes,
+        augment=source.augment,
+        pad_value=source.black,
     )
     return dataset.to(device)

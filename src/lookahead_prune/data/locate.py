@@ -7,6 +7,7 @@ environment variable, then the user cache (``$XDG_CACHE_HOME/lookahead-prune`` o
     <dir>/mnist/train-images-idx3-ubyte.gz ...
     <dir>/fashion-mnist/train-images-idx3-ubyte.gz ...
     <dir>/cifar-10/cifar-10-binary.tar.gz  (or cifar-10-python.tar.gz)
+    <dir>/tiny-imagenet/tiny-imagenet-200.zip  (and its decoded cache tiny-imagenet-200.npz)
 
 MNIST also ships inside the package (``data/bundled/mnist``) so that everything runs
 offline from a fresh clone; a copy in the data directory takes precedence over it.

@@ -64,7 +64,7 @@ class Layer:
     @property
     def kind(self) -> str:
         """``linear`` or ``conv``: units are neurons for the first and channels for the second."""
-        return "linear" if self.type_name in ("linear", "conv1d-hf") else "conv"
+        return "linear" if self.type_name in ("linear", "conv1d-hf", "mha-in-proj") else "conv"
 
 
 @dataclass

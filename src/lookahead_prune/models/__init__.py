@@ -10,7 +10,9 @@ from .initialization import glorot_init
 from .mlp import FCN, LinearNet
 from .registry import MODELS, build_model, dense_layer_names, model_names
 from .resnet import RESNET18_DENSE_LAYERS, BasicBlock, ResNet18
+from .resnet50 import RESNET50_DENSE_LAYERS, RESNET50_STAGES, Bottleneck, ResNet50
 from .vgg import VGG, VGG_CONFIGS
+from .wrn import WRN_DENSE_LAYERS, WideBlock, WideResNet
 
 __all__ = [
     "ACTIVATIONS",
@@ -18,12 +20,19 @@ __all__ = [
     "FCN",
     "MODELS",
     "RESNET18_DENSE_LAYERS",
+    "RESNET50_DENSE_LAYERS",
+    "RESNET50_STAGES",
     "VGG",
     "VGG_CONFIGS",
+    "WRN_DENSE_LAYERS",
     "BasicBlock",
+    "Bottleneck",
     "Conv6",
     "LinearNet",
     "ResNet18",
+    "ResNet50",
+    "WideBlock",
+    "WideResNet",
     "build_model",
     "dense_layer_names",
     "glorot_init",

@@ -19,22 +19,29 @@ def build_features(
     image_size: int,
     batch_norm: bool,
     activation: str,
+    first_stride: int = 1,
 ) -> tuple[nn.Sequential, int, int]:
     """Build ``features`` from ``config``; return it with its output channels and spatial size.
 
     Convs are 3x3 with padding 1, followed by BatchNorm2d (then bias-free) when
     ``batch_norm`` is set, then the activation. A pool whose input is already 1x1 is
     left out, decided here from ``image_size`` so the forward has no control flow.
+    ``first_stride`` strides the first conv (2 in the official 64x64 VGG for Tiny-ImageNet).
     """
     layers: list[nn.Module] = []
     channels, size = in_channels, image_size
+    stride = first_stride
     for item in config:
         if item == POOL:
             if size > 1:
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
                 size //= 2
         elif isinstance(item, int) and not isinstance(item, bool) and item > 0:
-            layers.append(nn.Conv2d(channels, item, 3, padding=1, bias=not batch_norm))
+            layers.append(
+                nn.Conv2d(channels, item, 3, stride=stride, padding=1, bias=not batch_norm)
+            )
+            size = (size - 1) // stride + 1
+            stride = 1
             if batch_norm:
                 layers.append(nn.BatchNorm2d(item))
             layers.append(make_activation(activation))

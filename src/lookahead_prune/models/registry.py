@@ -12,7 +12,9 @@ from .checks import positive_int
 from .conv6 import Conv6
 from .mlp import FCN, LinearNet
 from .resnet import ResNet18
+from .resnet50 import ResNet50
 from .vgg import VGG
+from .wrn import WideResNet
 
 DEFAULT_ACTIVATION = "relu"
 
@@ -34,16 +36,30 @@ def _conv6(*, in_channels: int, image_size: int, num_classes: int, activation: s
     return Conv6(in_channels, image_size, num_classes, activation)
 
 
-def _vgg(depth: int) -> Callable[..., nn.Module]:
+def _vgg(depth: int, first_stride: int = 1) -> Callable[..., nn.Module]:
     def build(*, in_channels: int, image_size: int, num_classes: int, activation: str) -> nn.Module:
-        return VGG(depth, in_channels, image_size, num_classes, activation)
+        return VGG(depth, in_channels, image_size, num_classes, activation, first_stride)
 
-    build.__name__ = f"_vgg{depth}"
+    build.__name__ = f"_vgg{depth}" + ("_64" if first_stride == 2 else "")
     return build
 
 
 def _resnet18(*, in_channels: int, image_size: int, num_classes: int, activation: str) -> nn.Module:
     return ResNet18(in_channels, num_classes, activation)
+
+
+def _resnet50_64(
+    *, in_channels: int, image_size: int, num_classes: int, activation: str
+) -> nn.Module:
+    return ResNet50(in_channels, num_classes, activation, stem_stride=2)
+
+
+def _wrn(depth: int, width: int, stem_stride: int) -> Callable[..., nn.Module]:
+    def build(*, in_channels: int, image_size: int, num_classes: int, activation: str) -> nn.Module:
+        return WideResNet(depth, width, in_channels, num_classes, activation, stem_stride)
+
+    build.__name__ = f"_wrn{depth}_{width}" + ("_64" if stem_stride == 2 else "")
+    return build
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -54,8 +70,17 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "vgg16": _vgg(16),
     "vgg19": _vgg(19),
     "resnet18": _resnet18,
+    # The official code's 64x64 Tiny-ImageNet models (stride-2 stems), and WRN-16-8 for 32x32.
+    "vgg19-64": _vgg(19, first_stride=2),
+    "resnet50-64": _resnet50_64,
+    "wrn-16-8-64": _wrn(16, 8, stem_stride=2),
+    "wrn-16-8": _wrn(16, 8, stem_stride=1),
 }
-"""Builders by name; each takes keyword-only in_channels, image_size, num_classes, activation."""
+"""Builders by name; each takes keyword-only in_channels, image_size, num_classes, activation.
+
+Names ending in ``-64`` are the official LAP code's Tiny-ImageNet models (``vgg19_64``,
+``resnet50_64``, ``wrn-16-8_64``): their first conv has stride 2, for 64x64 inputs.
+"""
 
 
 def model_names() -> list[str]:

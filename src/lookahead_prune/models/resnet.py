@@ -21,6 +21,17 @@ RESNET18_DENSE_LAYERS: tuple[str, ...] = ("conv1",)
 """Layers the paper's schedule leaves unpruned in ResNet-18: the stem convolution."""
 
 
+def shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
+    """A residual block's skip path: identity, or a 1x1 conv + batch norm where the shape
+    changes (named ``shortcut`` so ``--exclude '*shortcut*'`` leaves it dense, as officially)."""
+    if stride == 1 and in_channels == out_channels:
+        return nn.Sequential()
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+        nn.BatchNorm2d(out_channels),
+    )
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 conv-BN pairs plus a shortcut: ``act2(bn2(conv2(act1(bn1(conv1(x))))) + sc(x))``.
 
@@ -37,12 +48,7 @@ class BasicBlock(nn.Module):
         self.act1 = make_activation(activation)
         self.conv2 = nn.Conv2d(channels, channels, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(channels)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_channels != channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(channels),
-            )
+        self.shortcut = shortcut(in_channels, channels, stride)
         self.act2 = make_activation(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,8 @@ class VGG(nn.Module):
 
     Modules: ``features.<i>`` (conv, bn, act, ..., pool), ``flatten``, ``classifier``.
     Pools whose input is already 1x1 are skipped, so 28x28 and 32x32 inputs both end
-    at 1x1 and the classifier is Linear(512, num_classes).
+    at 1x1 and the classifier is Linear(512, num_classes). ``first_stride=2`` is the official
+    LAP code's 64x64 variant (``vgg19_64`` for Tiny-ImageNet): its first conv has stride 2.
     """
 
     dense_layers: tuple[str, ...] = ()
@@ -39,6 +40,7 @@ class VGG(nn.Module):
         image_size: int = 32,
         num_classes: int = 10,
         activation: str = "relu",
+        first_stride: int = 1,
     ) -> None:
         super().__init__()
         if depth not in VGG_CONFIGS:
@@ -46,6 +48,7 @@ class VGG(nn.Module):
         positive_int("in_channels", in_channels)
         positive_int("image_size", image_size)
         positive_int("num_classes", num_classes)
+        positive_int("first_stride", first_stride)
         check_activation(activation)
         self.depth = depth
         self.features, channels, size = build_features(
@@ -54,6 +57,7 @@ class VGG(nn.Module):
             image_size=image_size,
             batch_norm=True,
             activation=activation,
+            first_stride=first_stride,
         )
         self.flatten = nn.Flatten()
         self.classifier = nn.Linear(channels * size * size, num_classes)

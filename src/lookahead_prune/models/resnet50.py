@@ -1,0 +1,106 @@
+"""ResNet-50 of the official LAP code for 64x64 Tiny-ImageNet: bottleneck blocks, stride-2 stem.
+
+The layout follows the official ``MaskedResNet50_64``: a 3x3 stem conv (stride 2 for 64x64
+inputs, no max pool), four stages of 3, 4, 6 and 3 bottlenecks (1x1 -> 3x3 -> 1x1, expansion 4)
+of widths 64, 128, 256 and 512, average pooling to 1x1 and Linear(2048, num_classes).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .activations import check_activation, make_activation
+from .checks import positive_int
+from .initialization import glorot_init
+from .resnet import shortcut
+
+RESNET50_STAGES: tuple[tuple[int, int, int], ...] = (
+    (64, 3, 1),
+    (128, 4, 2),
+    (256, 6, 2),
+    (512, 3, 2),
+)
+"""Per stage: (bottleneck width, number of blocks, stride of the first block)."""
+
+EXPANSION = 4
+"""A bottleneck's output has ``EXPANSION`` times its width in channels."""
+
+RESNET50_DENSE_LAYERS: tuple[str, ...] = ("conv1",)
+"""Layers the official schedule leaves unpruned (its ratio 0): the stem convolution."""
+
+
+class Bottleneck(nn.Module):
+    """``act3(bn3(conv3(act2(bn2(conv2(act1(bn1(conv1(x)))))))) + shortcut(x))``.
+
+    ``conv2`` (3x3) carries the stride. ``shortcut`` is an empty ``nn.Sequential`` (identity)
+    or a 1x1 conv and BN (``shortcut.0``, ``shortcut.1``) when the shape changes; the official
+    code never prunes those (exclude them with ``'*shortcut*'`` to do the same).
+    """
+
+    def __init__(
+        self, in_channels: int, width: int, stride: int = 1, activation: str = "relu"
+    ) -> None:
+        super().__init__()
+        out_channels = EXPANSION * width
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.act1 = make_activation(activation)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.act2 = make_activation(activation)
+        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.shortcut = shortcut(in_channels, out_channels, stride)
+        self.act3 = make_activation(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the bottleneck block."""
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.act2(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.act3(out + self.shortcut(x))
+
+
+class ResNet50(nn.Module):
+    """ResNet-50: stem ``conv1``/``bn1``/``act``, ``layer1..4`` of bottlenecks, ``pool``, ``fc``.
+
+    ``stem_stride`` is 2 for the official 64x64 model, 1 for 32x32 inputs.
+    """
+
+    dense_layers: tuple[str, ...] = RESNET50_DENSE_LAYERS
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 200,
+        activation: str = "relu",
+        stem_stride: int = 2,
+    ) -> None:
+        super().__init__()
+        positive_int("in_channels", in_channels)
+        positive_int("num_classes", num_classes)
+        positive_int("stem_stride", stem_stride)
+        check_activation(activation)
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=stem_stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.act = make_activation(activation)
+        channels = 64
+        stages: list[nn.Sequential] = []
+        for width, blocks, stride in RESNET50_STAGES:
+            stage = []
+            for i in range(blocks):
+                stage.append(Bottleneck(channels, width, stride if i == 0 else 1, activation))
+                channels = EXPANSION * width
+            stages.append(nn.Sequential(*stage))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(channels, num_classes)
+        glorot_init(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map images [N, C, H, W] to logits [N, num_classes]."""
+        out = self.act(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.fc(self.flatten(self.pool(out)))
