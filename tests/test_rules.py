@@ -233,6 +233,10 @@ def test_sequential_refuses_gates_and_concatenation():
         lp.prune(Inception(), "lap", 0.5, graph="sequential")
     with pytest.raises(GraphError, match="attention"):
         lp.prune(ViTBlock(), "lap", 0.5, graph="sequential", example_inputs=torch.zeros(1, 3, 8, 8))
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+    with pytest.raises(GraphError, match="attention"):  # captured from a guessed input
+        lp.prune(encoder, "lap", 0.5, graph="sequential")
     swish = nn.Sequential(nn.Linear(3, 4), nn.SiLU(), nn.Linear(4, 2))  # x * sigmoid(x) is no gate
     lp.prune(swish, "lap", 0.5, graph="sequential")
 

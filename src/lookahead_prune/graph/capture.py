@@ -362,7 +362,9 @@ def guess_inputs(model: nn.Module) -> list[tuple[Tensor, ...]]:
     t = layer_type(first)
     n_in = t.units(first)[0]
     if t.unit_axis == -1:
-        cands = [(zeros(1, n_in),)]
+        cands = [(zeros(1, n_in),), (zeros(1, 8, n_in),)]  # features, or tokens of features
+        if isinstance(first, nn.MultiheadAttention):
+            cands.reverse()
         for c in (1, 3):
             side = round((n_in / c) ** 0.5)
             if c * side * side == n_in:
