@@ -331,7 +331,8 @@ class Reshape(Rule):
         raise GraphError(
             f"{cx.describe(node)} reshapes {list(si)} to {list(so)}, mixing units (axes "
             f"{ax}) with other dims; only flattening [N, C, ...] to [N, C*...], head "
-            "splits/merges and shape-preserving views keep units traceable."
+            "splits/merges and shape-preserving views keep units traceable (where batch and "
+            "heads share an axis, example_inputs with a batch of 1 keeps them apart)."
         )
 
     def back_axes(
