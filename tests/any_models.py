@@ -129,10 +129,12 @@ class ManualRMSNorm(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention over tokens, with separate or fused (GPT-2) projections."""
 
-    def __init__(self, d: int = 8, heads: int = 2, fused: bool = False, manual: bool = False):
+    def __init__(
+        self, d: int = 8, heads: int = 2, fused: bool = False, manual: bool = False, einsum=False
+    ):
         super().__init__()
         self.inp = nn.Linear(5, d)
-        self.fused, self.manual, self.heads = fused, manual, heads
+        self.fused, self.manual, self.heads, self.einsum = fused, manual, heads, einsum
         if fused:
             self.qkv = nn.Linear(d, 3 * d)
         else:
@@ -148,7 +150,10 @@ class Attention(nn.Module):
         else:
             q, k, v = self.q(h), self.k(h), self.v(h)
         q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
-        if self.manual:
+        if self.einsum:
+            w = torch.softmax(torch.einsum("bhqd,bhkd->bhqk", q, k), dim=-1)
+            a = torch.einsum("bhqk,bhkd->bhqd", w, v)
+        elif self.manual:
             a = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
         else:
             a = F.scaled_dot_product_attention(q, k, v)

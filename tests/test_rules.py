@@ -149,10 +149,10 @@ def test_norm_weight_scales_the_link_like_batch_norm(norm):
     assert torch.allclose(plain["a"], hand(m.a.weight, 1, cols(m.b.weight)))
 
 
-@pytest.mark.parametrize("manual", [False, True], ids=["sdpa", "matmul"])
-def test_attention_values_feed_the_output_and_queries_keys_end_open(manual):
+@pytest.mark.parametrize("how", ["sdpa", "matmul", "einsum"])
+def test_attention_values_feed_the_output_and_queries_keys_end_open(how):
     torch.manual_seed(0)
-    m = Attention(manual=manual).double()
+    m = Attention(manual=how == "matmul", einsum=how == "einsum").double()
     s = scores(m, example_inputs=(torch.zeros(1, 4, 5, dtype=torch.float64),))
     assert torch.allclose(s["q"], hand(m.q.weight, rows(m.inp.weight), 1))
     assert torch.allclose(s["k"], hand(m.k.weight, rows(m.inp.weight), 1))

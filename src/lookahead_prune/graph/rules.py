@@ -580,6 +580,41 @@ class MatMul(Rule):
         return [a, b]
 
 
+class Einsum(Rule):
+    """``torch.einsum``: a unit axis whose letter is in the output moves there; one summed
+    over is contracted (an open end, as ``q @ k^T``). Walking back, the output's units come
+    from the inputs that hold all of their letters (v in ``bhqk,bhkd->bhqd``)."""
+
+    name = "einsum"
+
+    def _spec(self, node: fx.Node, cx: Captured) -> tuple[list[str], str, list[fx.Node]]:
+        eq = node.args[0].replace(" ", "")
+        operands = node.args[1:]
+        if len(operands) == 1 and isinstance(operands[0], list | tuple):
+            operands = operands[0]
+        lhs, out = eq.split("->") if "->" in eq else (eq, None)
+        ins = lhs.split(",")
+        if out is None or "." in eq:
+            raise GraphError(f"{cx.describe(node)} uses an implicit or '...' einsum equation.")
+        return ins, out, list(operands)
+
+    def forward(self, node: fx.Node, arg: fx.Node, axes: tuple[int, ...], cx: Captured) -> Step:
+        ins, out, operands = self._spec(node, cx)
+        letters = ins[operands.index(arg)]
+        unit = [letters[a] for a in axes]
+        if any(u not in out for u in unit):
+            return SINK
+        new = [out.index(u) for u in unit]
+        if new != sorted(new):
+            raise GraphError(f"{cx.describe(node)} reorders the unit axes among themselves.")
+        return Step("units", tuple(new))
+
+    def carriers(self, node: fx.Node, axes: tuple[int, ...], cx: Captured) -> list[fx.Node]:
+        ins, out, operands = self._spec(node, cx)
+        unit = {out[a] for a in axes}
+        return [op for op, letters in zip(operands, ins, strict=True) if unit <= set(letters)]
+
+
 class Attention(Rule):
     """scaled_dot_product_attention(q, k, v): the output holds v's units, mixed over tokens by
     the attention weights; q and k end in their product (open ends, factor 1)."""
@@ -770,6 +805,7 @@ DEFAULT_RULES.add(
     ATTENTION, F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default
 )
 DEFAULT_RULES.add(EXPAND, "expand", "expand_as", aten.expand.default)
+DEFAULT_RULES.add(Einsum(), torch.einsum, aten.einsum.default)
 
 
 def rule_for(node: fx.Node, cx: Captured, rules: RuleSet = DEFAULT_RULES) -> Rule:
