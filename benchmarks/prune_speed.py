@@ -286,7 +286,7 @@ def goal_line(times: dict[tuple[str, str], list[float]]) -> str:
 
 # Engine functions whose cumulative time splits one prune() call into phases.
 PHASES: tuple[tuple[str, str], ...] = (
-    ("graph.py", "build_graph"),
+    ("graph/__init__.py", "build_graph"),
     ("masks.py", "effective_weight"),
     ("prune.py", "_check_finite"),
     ("masks.py", "current_mask"),

@@ -11,20 +11,20 @@ from torch import Tensor, nn
 from torch.nn.utils import prune as torch_prune
 
 
-def current_mask(module: nn.Module) -> Tensor:
+def current_mask(module: nn.Module, name: str = "weight") -> Tensor:
     """The module's weight mask (all ones when it has never been pruned), as bool."""
-    mask = getattr(module, "weight_mask", None)
+    mask = getattr(module, f"{name}_mask", None)
     if mask is None:
-        return torch.ones_like(module.weight, dtype=torch.bool)
+        return torch.ones_like(getattr(module, name), dtype=torch.bool)
     return mask.detach().bool()
 
 
-def effective_weight(module: nn.Module) -> Tensor:
+def effective_weight(module: nn.Module, name: str = "weight") -> Tensor:
     """The weight the module computes with: ``weight_orig * weight_mask`` once pruned."""
-    orig = getattr(module, "weight_orig", None)
+    orig = getattr(module, f"{name}_orig", None)
     if orig is None:
-        return module.weight.detach()
-    return (orig * module.weight_mask).detach()
+        return getattr(module, name).detach()
+    return (orig * getattr(module, f"{name}_mask")).detach()
 
 
 _SAMPLE = 65536  # strided sample size used to bracket the threshold in large tensors
@@ -106,7 +106,8 @@ def global_masks(
     return out
 
 
-def apply_mask(module: nn.Module, mask: Tensor) -> None:
+def apply_mask(module: nn.Module, mask: Tensor, name: str = "weight") -> None:
     """Apply ``mask`` with ``torch.nn.utils.prune`` (cumulative with any earlier mask)."""
-    mask = mask.to(device=module.weight.device, dtype=module.weight.dtype)
-    torch_prune.custom_from_mask(module, "weight", mask)
+    weight = getattr(module, name)
+    mask = mask.to(device=weight.device, dtype=weight.dtype)
+    torch_prune.custom_from_mask(module, name, mask)

@@ -20,10 +20,15 @@ from .graph import (
     GraphError,
     LayerGraph,
     build_graph,
+    canonical,
     check_graph_mode,
+    from_canonical,
+    layer_type,
     layers_only,
     prunable_layers,
+    weight_name,
 )
+from .graph.capture import ExampleInputs
 from .masks import apply_mask, current_mask, effective_weight, global_masks, top_k_mask
 from .scores import SCORES, Neighbourhood, scale_rows, score_function, score_spec
 
@@ -108,6 +113,8 @@ class PruneReport:
     steps: int
     scope: str
     layers: tuple[LayerResult, ...]
+    dense: tuple[tuple[str, str], ...] = ()  # weight tensors left dense: (name, why)
+    approximated: tuple[tuple[str, str], ...] = ()  # strict=False: layer, what was opened
 
     @property
     def total(self) -> int:
@@ -126,7 +133,9 @@ class PruneReport:
 
     def table(self) -> str:
         """A plain-text table of layers, survivors and kept fractions."""
-        head = f"{'layer':<28} {'kind':<6} {'shape':<20} {'kept':>10} {'total':>10} {'keep':>8}"
+        k = max([6, *(len(r.kind) for r in self.layers)])
+        n = max([28, *(len(r.name) for r in self.layers)])
+        head = f"{'layer':<{n}} {'kind':<{k}} {'shape':<20} {'kept':>10} {'total':>10} {'keep':>8}"
         lines = [
             f"method={self.method} order={self.order} steps={self.steps} scope={self.scope}",
             head,
@@ -135,14 +144,18 @@ class PruneReport:
         for r in self.layers:
             shape = "x".join(map(str, r.shape))
             lines.append(
-                f"{r.name:<28} {r.kind:<6} {shape:<20} {r.kept:>10} {r.total:>10} "
+                f"{r.name:<{n}} {r.kind:<{k}} {shape:<20} {r.kept:>10} {r.total:>10} "
                 f"{100 * r.keep:>7.2f}%"
             )
         lines.append("-" * len(head))
         lines.append(
-            f"{'total':<28} {'':<6} {'':<20} {self.kept:>10} {self.total:>10} "
+            f"{'total':<{n}} {'':<{k}} {'':<20} {self.kept:>10} {self.total:>10} "
             f"{100 * self.keep:>7.2f}%"
         )
+        for name, why in self.dense:
+            lines.append(f"dense: {name} ({why})")
+        for name, why in self.approximated:
+            lines.append(f"approximated (strict=False): {name}: {why}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -261,7 +274,16 @@ def _measured(
         return weights, None
     rows = MEASURES[need].scales_rows
     stats = measure(need, method, model, data, list(weights if rows else targets))
-    return (scale_rows(weights, stats), None) if rows else (weights, stats)
+    if rows:
+        return scale_rows(weights, stats), None
+    # per-weight statistics (OBD's Hessian) come in the module's layout: view them as scored
+    modules = dict(model.named_modules())
+    return weights, {
+        n: canonical(modules[n], t)
+        if t.shape == getattr(modules[n], weight_name(modules[n])).shape
+        else t
+        for n, t in stats.items()
+    }
 
 
 def _schedule(final: int, start: int, steps: int) -> list[int]:
@@ -275,15 +297,23 @@ def _graph_for(
     method: str,
     model: nn.Module,
     mode: str,
-    example_inputs: Sequence[Tensor] | None,
+    example_inputs: ExampleInputs,
     skip: frozenset[str] = frozenset(),
+    strict: bool = True,
 ) -> LayerGraph:
     """The traced graph for methods that look at neighbours; bare layers for the others.
 
     MP, RP, LAMP and OBD never read a neighbour, so they skip tracing (and work on any model).
     """
     if score_spec(method).needs_neighbours:
-        return build_graph(model, mode, example_inputs, skip=skip)
+        graph = build_graph(model, mode, example_inputs, skip=skip, strict=strict)
+        if graph.approximated:
+            warnings.warn(
+                f"strict=False: the neighbours of {sorted(graph.approximated)} could not all "
+                "be followed; those sides get a factor of 1 (see the report)",
+                stacklevel=4,
+            )
+        return graph
     check_graph_mode(mode)
     return layers_only(model)
 
@@ -314,10 +344,11 @@ def _refuse_tied_weights(
         users.setdefault(param.data_ptr(), []).append(name)
     for name in targets:
         module = modules[name]
-        weight = getattr(module, "weight_orig", None)
-        weight = weight if isinstance(weight, Tensor) else module.weight
+        wn = weight_name(module)
+        weight = getattr(module, f"{wn}_orig", None)
+        weight = weight if isinstance(weight, Tensor) else getattr(module, wn)
         shared = sorted(set(users.get(weight.data_ptr(), [])))
-        own = {f"{name}.{attr}" if name else attr for attr in ("weight", "weight_orig")}
+        own = {f"{name}.{attr}" if name else attr for attr in (wn, f"{wn}_orig")}
         others = [n for n in shared if n not in own]
         if others:
             raise ValueError(
@@ -337,11 +368,12 @@ def compute_masks(
     bn: bool = True,
     normalize: bool = True,
     graph: str = "fx",
-    example_inputs: Sequence[Tensor] | None = None,
+    example_inputs: ExampleInputs = None,
     layers: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
     seed: int = 0,
     data: Data | None = None,
+    strict: bool = True,
 ) -> tuple[dict[str, Tensor], MethodSpec]:
     """The masks ``prune`` would apply, without touching the model (same arguments)."""
     spec = parse_method(method, order, steps)
@@ -363,18 +395,16 @@ def compute_masks(
         if spec.order != "base":
             raise ValueError("scope='global' prunes all layers at once; use order='base'")
     for n in targets:
-        m = modules[n]
-        if not hasattr(m, "weight_orig") and not isinstance(
-            m._parameters.get("weight"), nn.Parameter
-        ):
+        m, wn = modules[n], weight_name(modules[n])
+        if not hasattr(m, f"{wn}_orig") and not isinstance(m._parameters.get(wn), nn.Parameter):
             raise ValueError(
                 f"layer '{n}': weight is not a plain parameter (weight_norm or another "
                 "parametrization?); torch.nn.utils.prune cannot mask it."
             )
-    weights = {n: _for_scoring(effective_weight(m)) for n, m in modules.items()}  # read-only
+    weights = _canonical_weights(modules)  # read-only, viewed [out, in/groups, ...]
     _check_finite(weights)
-    alive = {n: current_mask(modules[n]) for n in targets}
-    layer_graph = _graph_for(spec.score, model, graph, example_inputs, skip)
+    alive = {n: canonical(modules[n], _mask_of(modules[n])) for n in targets}
+    layer_graph = _graph_for(spec.score, model, graph, example_inputs, skip, strict)
     _score_layers(
         [n for n in targets if n in layer_graph.unreached],
         spec.score,
@@ -415,7 +445,7 @@ def compute_masks(
             alive = global_masks(scores, k, alive)
             if step + 1 < len(plan):
                 weights = weights | {n: weights[n] * alive[n] for n in targets}
-        return alive, spec
+        return _own_layout(modules, alive), spec
     plans = {n: _schedule(finals[n], start[n], spec.steps) for n in targets}
     ordered = [n for n in layer_graph.names() if n in targets]
     if spec.order == "backward":
@@ -438,7 +468,7 @@ def compute_masks(
                 alive[n] = top_k_mask(score, plans[n][step], alive[n])
                 if not (last and i + 1 == len(ordered)):
                     weights = weights | {n: weights[n] * alive[n]}
-    return alive, spec
+    return _own_layout(modules, alive), spec
 
 
 def prune(
@@ -452,11 +482,12 @@ def prune(
     bn: bool = True,
     normalize: bool = True,
     graph: str = "fx",
-    example_inputs: Sequence[Tensor] | None = None,
+    example_inputs: ExampleInputs = None,
     layers: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
     seed: int = 0,
     data: Data | None = None,
+    strict: bool = True,
 ) -> PruneReport:
     """Prune ``model`` in place so that a ``keep`` fraction of weights survives; see DESIGN.md.
 
@@ -471,7 +502,9 @@ def prune(
     module order like the official code. ``exclude`` (names or glob patterns) leaves layers
     unpruned and, with ``graph='sequential'``, out of the chain too, as the official code
     treats ResNet shortcuts. Masks are applied with ``torch.nn.utils.prune``.
-    A layer left with no weight at all gets a warning that names it.
+    A layer left with no weight at all gets a warning that names it. ``strict=False`` gives
+    layers whose neighbours cannot all be followed a factor of 1 there (named in a warning
+    and the report) instead of failing. The report lists every weight tensor left dense.
     """
     if torch.is_inference_mode_enabled():
         raise ValueError(
@@ -493,14 +526,15 @@ def prune(
         exclude=exclude,
         seed=seed,
         data=data,
+        strict=strict,
     )
     modules = prunable_layers(model)
     for name, mask in masks.items():
-        apply_mask(modules[name], mask)
+        apply_mask(modules[name], mask, weight_name(modules[name]))
     results = []
     for name, module in modules.items():
-        mask = current_mask(module)
-        kind = "linear" if isinstance(module, nn.Linear) else "conv"
+        mask = _mask_of(module)
+        kind = layer_type(module).name
         results.append(LayerResult(name, kind, tuple(mask.shape), mask.numel(), int(mask.sum())))
     emptied = [r.name for r in results if r.kept == 0 and r.name in masks]
     if emptied:
@@ -509,7 +543,77 @@ def prune(
             "network is cut there and its output no longer depends on the input",
             stacklevel=2,
         )
-    return PruneReport(spec.score, spec.order, spec.steps, scope, tuple(results))
+    approximated = ()
+    cached = _graph_cache_entry(model)
+    if cached is not None and score_spec(spec.score).needs_neighbours:
+        approximated = tuple(sorted(cached.approximated.items()))
+    return PruneReport(
+        spec.score,
+        spec.order,
+        spec.steps,
+        scope,
+        tuple(results),
+        dense_weights(model, set(masks), excluded_layers(modules, exclude)),
+        approximated,
+    )
+
+
+def _graph_cache_entry(model: nn.Module) -> LayerGraph | None:
+    from .graph import _CACHE
+
+    entry = _CACHE.get(model)
+    return None if entry is None else entry[1]
+
+
+def _canonical_weights(modules: Mapping[str, nn.Module]) -> dict[str, Tensor]:
+    """Effective weights viewed ``[out, in/groups, ...]`` (transposed types converted)."""
+    return {
+        n: _for_scoring(canonical(m, effective_weight(m, weight_name(m))))
+        for n, m in modules.items()
+    }
+
+
+def _mask_of(module: nn.Module) -> Tensor:
+    """The current mask of the parameter a prunable module has pruned."""
+    return current_mask(module, weight_name(module))
+
+
+def _own_layout(modules: Mapping[str, nn.Module], masks: Mapping[str, Tensor]) -> dict:
+    """Masks from the canonical view back in each module's own weight layout."""
+    return {n: from_canonical(modules[n], m) for n, m in masks.items()}
+
+
+def dense_weights(
+    model: nn.Module, pruned: set[str], excluded: Iterable[str] = ()
+) -> tuple[tuple[str, str], ...]:
+    """Every weight tensor (2-D or more) this prune left dense, and why."""
+    excluded = set(excluded)
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    out, seen = [], set()
+    mods = list(model.named_modules())
+    mods.sort(key=lambda nm: layer_type(nm[1]) is None)  # a tied weight under its layer's name
+    for mname, module in mods:
+        for pname, p in module.named_parameters(recurse=False):
+            if p.dim() < 2 or id(p) in seen:
+                continue
+            seen.add(id(p))
+            full = f"{mname}.{pname}" if mname else pname
+            wn = weight_name(module)
+            if mname in pruned and pname in (wn, f"{wn}_orig"):
+                continue
+            tied = [o for o in owners[id(p)] if o != full]
+            if layer_type(module) is not None and pname in (wn, f"{wn}_orig"):
+                why = "excluded" if mname in excluded else "not asked for"
+                if hasattr(module, f"{wn}_mask"):
+                    continue  # pruned before, not now: it keeps its mask
+            else:
+                why = f"not prunable ({type(module).__name__}.{pname})"
+            if tied:
+                why += f", tied to {', '.join(tied)}"
+            out.append((full, why))
+    return tuple(out)
 
 
 def compute_scores(
@@ -518,10 +622,11 @@ def compute_scores(
     *,
     bn: bool = True,
     graph: str = "fx",
-    example_inputs: Sequence[Tensor] | None = None,
+    example_inputs: ExampleInputs = None,
     exclude: Iterable[str] = (),
     seed: int = 0,
     data: Data | None = None,
+    strict: bool = True,
 ) -> dict[str, Tensor]:
     """Scores of every prunable layer's weights, keyed by qualified module name.
 
@@ -537,10 +642,11 @@ def compute_scores(
     if not modules:
         raise ValueError(f"{type(model).__name__} has no prunable layers (nn.Linear/Conv).")
     skip = excluded_layers(modules, exclude)
-    weights = {n: _for_scoring(effective_weight(m)) for n, m in modules.items()}
+    weights = _canonical_weights(modules)
     _check_finite(weights)
-    layer_graph = _graph_for(spec.score, model, graph, example_inputs, skip)
+    layer_graph = _graph_for(spec.score, model, graph, example_inputs, skip, strict)
     generator = torch.Generator().manual_seed(seed)
     scored = [n for n in modules if n not in skip]
     weights, measured = _measured(spec.score, model, data, scored, weights)
-    return _score_layers(scored, spec.score, layer_graph, weights, bn, generator, measured)
+    scores = _score_layers(scored, spec.score, layer_graph, weights, bn, generator, measured)
+    return _own_layout(modules, scores)

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 
 from torch import nn
 
-from .graph import prunable_layers
+from .graph import layer_type, prunable_layers, weight_name
 
 PAPER_PQ: dict[str, tuple[float, float]] = {
     "linear": (0.0, 0.5),
@@ -64,7 +64,7 @@ def level_keep(
             continue
         if name == last:
             base = (1.0 + q) / 2.0
-        elif isinstance(module, nn.Linear):
+        elif layer_type(module).unit_axis == -1:  # Linear-like: Linear, HF Conv1D, MHA
             base = q
         else:
             base = p
@@ -75,16 +75,19 @@ def level_keep(
 def overall_keep(model: nn.Module, keep: Mapping[str, float]) -> float:
     """Overall fraction of prunable weights kept, counting ``round(keep * n)`` per layer."""
     layers = prunable_layers(model)
-    total = sum(m.weight.numel() for m in layers.values())
-    kept = sum(
-        round(keep[n] * m.weight.numel()) if n in keep else m.weight.numel()
-        for n, m in layers.items()
-    )
+    sizes = {n: _size(m) for n, m in layers.items()}
+    total = sum(sizes.values())
+    kept = sum(round(keep[n] * sizes[n]) if n in keep else sizes[n] for n in layers)
     return kept / total
 
 
 def kept_fraction(model: nn.Module, keep: Mapping[str, float]) -> float:
     """Fraction of the weights of the layers in ``keep`` that survive, as ``prune`` counts."""
     layers = prunable_layers(model)
-    sizes = {n: layers[n].weight.numel() for n in keep}
+    sizes = {n: _size(layers[n]) for n in keep}
     return sum(round(keep[n] * sizes[n]) for n in keep) / sum(sizes.values())
+
+
+def _size(module: nn.Module) -> int:
+    """Number of weights in the parameter a prunable module has pruned."""
+    return getattr(module, weight_name(module)).numel()
