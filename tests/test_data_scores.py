@@ -231,3 +231,42 @@ def test_sweep_runs_data_scores_and_keys_the_examples_only_off_default(tmp_path,
     assert all(0.0 < r["keep"] < 1.0 for r in rows)
     default = Protocol(model="fcn", dataset="mnist").run_config("obd", 3)
     assert "score_examples" not in default  # keys stored before the field are unchanged
+
+
+class _TokenNet(nn.Module):
+    """A token-wise Linear, a mean over tokens, a classifier: per-example route for obd."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.tok(x)).mean(1))
+
+
+def test_obd_and_lap_act_on_token_wise_linear_layers():
+    torch.manual_seed(10)
+    model = _TokenNet().double()
+    x = torch.randn(9, 5, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (9,))
+    shapes = {n: model.get_submodule(n).weight.shape for n in ("tok", "head")}
+    params = dict(model.named_parameters())
+
+    def loss(v: torch.Tensor) -> torch.Tensor:
+        split = _split(v, shapes)
+        weights = {f"{n}.weight": w for n, w in split.items()}
+        return F.cross_entropy(functional_call(model, params | weights, (x,)), y)
+
+    flat = torch.cat([params[f"{n}.weight"].detach().flatten() for n in shapes])
+    exact = _split(torch.autograd.functional.hessian(loss, flat).diagonal(), shapes)
+    scores = lp.compute_scores(model, "obd", data=(x, y))
+    for n in shapes:
+        w = model.get_submodule(n).weight.detach()
+        torch.testing.assert_close(scores[n], exact[n] * w.square() / 2, rtol=1e-9, atol=1e-12)
+    with torch.no_grad():
+        rate = (model.tok(x) > 0).double().mean(0).sqrt().mean(0)  # per unit, averaged over tokens
+    with pytest.raises(lp.GraphError, match="guessed input.*example_inputs"):
+        lp.compute_scores(model, "lap")  # a 2-D guess makes mean(1) reduce the units
+    act = lp.compute_scores(model, "lap-act", data=x, example_inputs=(x[:1],))
+    plain = lp.compute_scores(model, "lap", example_inputs=(x[:1],))
+    torch.testing.assert_close(act["tok"], plain["tok"] * rate.view(-1, 1))

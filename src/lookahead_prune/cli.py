@@ -16,6 +16,7 @@ from .batchnorm import recalibrate_batchnorm
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DATASETS, DatasetError, load_dataset
 from .engines import ENGINE_CHOICES
+from .graph import GRAPH_MODES
 from .models import model_names
 from .pipeline import RETRAIN_MODES, Protocol, new_model, train_dense
 from .prune import parse_method, prune
@@ -140,8 +141,9 @@ def _add_pruning_args(p: argparse.ArgumentParser, *, retrain: int | None) -> Non
     g.add_argument("--q", type=float, default=None, help="linear keep factor per level")
     g.add_argument("--no-bn", action="store_true", help="LAP without Eq. 9's batch-norm factors")
     g.add_argument("--bn-recalibrate", type=int, default=0, metavar="N", help=BN_RECAL_HELP)
-    g.add_argument("--graph", default="fx", choices=["fx", "sequential"],
-                   help="neighbours from the traced graph, or from module order")  # fmt: skip
+    g.add_argument("--graph", default="fx", choices=GRAPH_MODES,
+                   help="neighbours from the traced graph (fx; torch.export where fx cannot "
+                   "follow), torch.export only, or module order")  # fmt: skip
     g.add_argument(
         "--scope", default="layer", choices=["layer", "global"],
         help="global: the level's overall fraction under one threshold (normalised scores)",
@@ -629,8 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--keep", type=float, default=0.05, help="fraction of weights to keep")
     pr.add_argument("--scope", default="layer", choices=["layer", "global"],
                     help="keep per layer, or overall under one threshold")  # fmt: skip
-    pr.add_argument("--graph", default="fx", choices=["fx", "sequential"],
-                    help="neighbours from the traced graph, or from module order")  # fmt: skip
+    pr.add_argument("--graph", default="fx", choices=GRAPH_MODES,
+                    help="neighbours from the traced graph (fx; torch.export where fx cannot "
+                    "follow), torch.export only, or module order")  # fmt: skip
     pr.add_argument("--model", default=None, choices=model_names(),
                     help="architecture, for checkpoints that do not record it")  # fmt: skip
     pr.add_argument("--dataset", default=None, choices=DATASETS,

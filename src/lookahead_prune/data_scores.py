@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.func import functional_call, grad, vmap
 
+from .graph.layers import layer_type, weight_name
+
 Data = Tensor | tuple[Tensor, Tensor] | list[Tensor]
 """Examples for a data score: a tensor of inputs, or ``(inputs, labels)``."""
 
@@ -119,8 +121,8 @@ def activation_scales(model: nn.Module, x: Tensor, layers: Sequence[str]) -> dic
         if node.op == "call_module" and str(node.target) in layers:
             relu = _activation_node(node, modules)
             if relu is not None:
-                axis = -1 if isinstance(modules[str(node.target)], nn.Linear) else 1
-                watch[relu] = (str(node.target), axis)
+                kind = layer_type(modules[str(node.target)])
+                watch[relu] = (str(node.target), kind.unit_axis if kind else 1)
     counter = _Counter(gm, watch)
     with torch.no_grad():
         for chunk in _chunks(x, CHUNK):
@@ -131,7 +133,8 @@ def activation_scales(model: nn.Module, x: Tensor, layers: Sequence[str]) -> dic
 def _weight_param(model: nn.Module, name: str) -> str:
     """The parameter that holds layer ``name``'s weight (``weight_orig`` once pruned)."""
     module = model.get_submodule(name)
-    attr = "weight_orig" if hasattr(module, "weight_orig") else "weight"
+    attr = weight_name(module)
+    attr = f"{attr}_orig" if hasattr(module, f"{attr}_orig") else attr
     return f"{name}.{attr}" if name else attr
 
 

@@ -20,7 +20,7 @@ from .batchnorm import recalibrate_batchnorm
 from .data import ImageDataset
 from .data.sources import SOURCES
 from .engines import ENGINE_CHOICES, train_many
-from .graph import prunable_layers
+from .graph import GRAPH_MODES, prunable_layers
 from .models import build_model, dense_layer_names
 from .models.activations import ACTIVATIONS
 from .progress import progress_bar
@@ -75,7 +75,6 @@ _FIELD_TYPES: dict[str, tuple[Any, str]] = {
     ),
 }
 """How each :class:`Protocol` field's annotation is checked (TOML and the library alike)."""
-GRAPH_MODES = ("fx", "sequential")
 
 
 @dataclass(frozen=True)

@@ -253,7 +253,16 @@ def build_graph(
     if mode == "sequential":
         graph = _sequential_graph(model, skipped, example_inputs)
     else:
-        graph = analyse(_capture(model, mode, example_inputs), model, rules, strict)
+        captured = _capture(model, mode, example_inputs)
+        try:
+            graph = analyse(captured, model, rules, strict)
+        except GraphError as err:
+            if example_inputs is not None:
+                raise
+            raise GraphError(
+                f"{err} (shapes came from a guessed input; if the model takes another shape, "
+                "pass example_inputs=(a real batch,))"
+            ) from None
         graph.mode = mode
     _CACHE[model] = (sig, graph)
     return graph
