@@ -59,7 +59,52 @@ class BasicBlock(nn.Module):
         return self.act2(out)
 
 
-class ResNet18(nn.Module):
+class ResNet(nn.Module):
+    """A ResNet body: stem ``conv1``/``bn1``/``act``, ``layer1..4``, then adaptive average
+    pooling to 1x1, ``flatten`` and ``fc``. ``block(in, width, stride, activation)`` builds one
+    residual block whose output has ``expansion * width`` channels."""
+
+    def __init__(
+        self,
+        block: type[nn.Module],
+        stages: tuple[tuple[int, int, int], ...],
+        *,
+        in_channels: int,
+        num_classes: int,
+        activation: str,
+        stem_stride: int = 1,
+        expansion: int = 1,
+    ) -> None:
+        super().__init__()
+        positive_int("in_channels", in_channels)
+        positive_int("num_classes", num_classes)
+        positive_int("stem_stride", stem_stride)
+        check_activation(activation)
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=stem_stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.act = make_activation(activation)
+        channels = 64
+        built: list[nn.Sequential] = []
+        for width, blocks, stride in stages:
+            stage = []
+            for i in range(blocks):
+                stage.append(block(channels, width, stride if i == 0 else 1, activation))
+                channels = expansion * width
+            built.append(nn.Sequential(*stage))
+        self.layer1, self.layer2, self.layer3, self.layer4 = built
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(channels, num_classes)
+        glorot_init(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map images [N, C, H, W] to logits [N, num_classes]."""
+        out = self.act(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.fc(self.flatten(self.pool(out)))
+
+
+class ResNet18(ResNet):
     """ResNet-18 for small images: stem ``conv1``/``bn1``/``act``, ``layer1..4``, ``pool``, ``fc``.
 
     No stem max pool; the head is adaptive average pooling to 1x1, ``flatten`` and
@@ -74,29 +119,10 @@ class ResNet18(nn.Module):
         num_classes: int = 10,
         activation: str = "relu",
     ) -> None:
-        super().__init__()
-        positive_int("in_channels", in_channels)
-        positive_int("num_classes", num_classes)
-        check_activation(activation)
-        self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.act = make_activation(activation)
-        channels = 64
-        stages: list[nn.Sequential] = []
-        for width, blocks, stride in RESNET18_STAGES:
-            stage = []
-            for i in range(blocks):
-                stage.append(BasicBlock(channels, width, stride if i == 0 else 1, activation))
-                channels = width
-            stages.append(nn.Sequential(*stage))
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(channels, num_classes)
-        glorot_init(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map images [N, C, H, W] to logits [N, num_classes]."""
-        out = self.act(self.bn1(self.conv1(x)))
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        return self.fc(self.flatten(self.pool(out)))
+        super().__init__(
+            BasicBlock,
+            RESNET18_STAGES,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            activation=activation,
+        )

@@ -10,10 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .activations import check_activation, make_activation
-from .checks import positive_int
-from .initialization import glorot_init
-from .resnet import shortcut
+from .activations import make_activation
+from .resnet import ResNet, shortcut
 
 RESNET50_STAGES: tuple[tuple[int, int, int], ...] = (
     (64, 3, 1),
@@ -62,7 +60,7 @@ class Bottleneck(nn.Module):
         return self.act3(out + self.shortcut(x))
 
 
-class ResNet50(nn.Module):
+class ResNet50(ResNet):
     """ResNet-50: stem ``conv1``/``bn1``/``act``, ``layer1..4`` of bottlenecks, ``pool``, ``fc``.
 
     ``stem_stride`` is 2 for the official 64x64 model, 1 for 32x32 inputs.
@@ -77,30 +75,12 @@ class ResNet50(nn.Module):
         activation: str = "relu",
         stem_stride: int = 2,
     ) -> None:
-        super().__init__()
-        positive_int("in_channels", in_channels)
-        positive_int("num_classes", num_classes)
-        positive_int("stem_stride", stem_stride)
-        check_activation(activation)
-        self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=stem_stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.act = make_activation(activation)
-        channels = 64
-        stages: list[nn.Sequential] = []
-        for width, blocks, stride in RESNET50_STAGES:
-            stage = []
-            for i in range(blocks):
-                stage.append(Bottleneck(channels, width, stride if i == 0 else 1, activation))
-                channels = EXPANSION * width
-            stages.append(nn.Sequential(*stage))
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(channels, num_classes)
-        glorot_init(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map images [N, C, H, W] to logits [N, num_classes]."""
-        out = self.act(self.bn1(self.conv1(x)))
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        return self.fc(self.flatten(self.pool(out)))
+        super().__init__(
+            Bottleneck,
+            RESNET50_STAGES,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            activation=activation,
+            stem_stride=stem_stride,
+            expansion=EXPANSION,
+        )
