@@ -265,7 +265,7 @@ def test_obd_and_lap_act_on_token_wise_linear_layers():
         torch.testing.assert_close(scores[n], exact[n] * w.square() / 2, rtol=1e-9, atol=1e-12)
     with torch.no_grad():
         rate = (model.tok(x) > 0).double().mean(0).sqrt().mean(0)  # per unit, averaged over tokens
-    with pytest.raises(lp.GraphError, match="guessed input.*example_inputs"):
+    with pytest.raises(lp.GraphError, match=r"guessed input.*example_inputs"):
         lp.compute_scores(model, "lap")  # a 2-D guess makes mean(1) reduce the units
     act = lp.compute_scores(model, "lap-act", data=x, example_inputs=(x[:1],))
     plain = lp.compute_scores(model, "lap", example_inputs=(x[:1],))
