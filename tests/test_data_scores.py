@@ -27,21 +27,23 @@ def _data(n: int = 40, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 WEIGHTS = ["0", "2", "4"]
 
 
-def _flat_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    shapes = {n: model.get_submodule(n).weight.shape for n in WEIGHTS}
+def _flat_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names=WEIGHTS):
+    """Mean cross-entropy as a function of the named layers' weights, flattened into one vector."""
+    shapes = {n: model.get_submodule(n).weight.shape for n in names}
     params = dict(model.named_parameters())
 
     def loss(flat: torch.Tensor) -> torch.Tensor:
-        weights, start = {}, 0
-        for n, shape in shapes.items():
-            size = shape.numel()
-            weights[f"{n}.weight"] = flat[start : start + size].view(shape)
-            start += size
-        out = functional_call(model, params | weights, (x,))
-        return F.cross_entropy(out, y)
+        weights = {f"{n}.weight": w for n, w in _split(flat, shapes).items()}
+        return F.cross_entropy(functional_call(model, params | weights, (x,)), y)
 
-    flat = torch.cat([params[f"{n}.weight"].detach().flatten() for n in WEIGHTS])
+    flat = torch.cat([params[f"{n}.weight"].detach().flatten() for n in names])
     return loss, flat, shapes
+
+
+def _exact_hessian_diagonal(model, x, y, names=WEIGHTS) -> dict[str, torch.Tensor]:
+    """The Hessian diagonal of the mean cross-entropy by brute force (the full Hessian)."""
+    loss, flat, shapes = _flat_loss(model, x, y, names)
+    return _split(torch.autograd.functional.hessian(loss, flat).diagonal(), shapes)
 
 
 def _split(vec: torch.Tensor, shapes) -> dict[str, torch.Tensor]:
@@ -54,8 +56,7 @@ def _split(vec: torch.Tensor, shapes) -> dict[str, torch.Tensor]:
 
 def test_obd_is_half_the_exact_hessian_diagonal_times_w_squared_on_a_relu_net():
     model, (x, y) = _net(), _data()
-    loss, flat, shapes = _flat_loss(model, x, y)
-    exact = _split(torch.autograd.functional.hessian(loss, flat).diagonal(), shapes)
+    exact = _exact_hessian_diagonal(model, x, y)
     scores = lp.compute_scores(model, "obd", data=(x, y))
     for n in WEIGHTS:
         w = model.get_submodule(n).weight.detach()
@@ -195,18 +196,7 @@ def test_obd_on_a_conv_net_matches_the_exact_hessian_diagonal():
     x = torch.randn(12, 1, 4, 4, dtype=torch.float64)
     y = torch.randint(0, 3, (12,))
     names = ["0", "3"]
-    shapes = {n: model.get_submodule(n).weight.shape for n in names}
-    params = dict(model.named_parameters())
-
-    def loss(v: torch.Tensor) -> torch.Tensor:
-        split, start = {}, 0
-        for n, shape in shapes.items():
-            split[f"{n}.weight"] = v[start : start + shape.numel()].view(shape)
-            start += shape.numel()
-        return F.cross_entropy(functional_call(model, params | split, (x,)), y)
-
-    flat = torch.cat([params[f"{n}.weight"].detach().flatten() for n in names])
-    exact = _split(torch.autograd.functional.hessian(loss, flat).diagonal(), shapes)
+    exact = _exact_hessian_diagonal(model, x, y, names)
     scores = lp.compute_scores(model, "obd", data=(x, y))
     for n in names:
         w = model.get_submodule(n).weight.detach()
@@ -249,18 +239,9 @@ def test_obd_and_lap_act_on_token_wise_linear_layers():
     model = _TokenNet().double()
     x = torch.randn(9, 5, 3, dtype=torch.float64)
     y = torch.randint(0, 2, (9,))
-    shapes = {n: model.get_submodule(n).weight.shape for n in ("tok", "head")}
-    params = dict(model.named_parameters())
-
-    def loss(v: torch.Tensor) -> torch.Tensor:
-        split = _split(v, shapes)
-        weights = {f"{n}.weight": w for n, w in split.items()}
-        return F.cross_entropy(functional_call(model, params | weights, (x,)), y)
-
-    flat = torch.cat([params[f"{n}.weight"].detach().flatten() for n in shapes])
-    exact = _split(torch.autograd.functional.hessian(loss, flat).diagonal(), shapes)
+    exact = _exact_hessian_diagonal(model, x, y, ("tok", "head"))
     scores = lp.compute_scores(model, "obd", data=(x, y))
-    for n in shapes:
+    for n in exact:
         w = model.get_submodule(n).weight.detach()
         torch.testing.assert_close(scores[n], exact[n] * w.square() / 2, rtol=1e-9, atol=1e-12)
     with torch.no_grad():
