@@ -220,6 +220,28 @@ def test_finetune_after_a_cosine_schedule_uses_the_last_positive_rate(tiny_data)
     assert 0.0 <= result.test_acc_retrained <= 1.0
 
 
+def test_iterative_chains_of_several_methods_retrain_together_as_separate_chains_would(tmp_path):
+    base = ["sweep", "--model", "fcn", "--levels", "2,3,4", "--train-steps", "20",
+            "--retrain-steps", "6", "--subset", "600", "--mode", "iterative", "--quiet"]  # fmt: skip
+    assert main([*base, "--methods", "mp,lap", "--db", str(tmp_path / "both.sqlite")]) == 0
+    for method in ("mp", "lap"):
+        assert main([*base, "--methods", method, "--db", str(tmp_path / f"{method}.sqlite")]) == 0
+    with RunStore(tmp_path / "both.sqlite") as store:
+        both = {(r["method"], r["level"]): r for r in store.runs()}
+    alone = {}
+    for method in ("mp", "lap"):
+        with RunStore(tmp_path / f"{method}.sqlite") as store:
+            alone |= {(r["method"], r["level"]): r for r in store.runs()}
+    assert sorted(both) == sorted(alone) and len(both) == 6
+    for job, row in both.items():
+        assert row["path"] == alone[job]["path"] and row["keep"] == alone[job]["keep"]
+        assert row["test_loss_retrained"] == pytest.approx(alone[job]["test_loss_retrained"],
+                                                           rel=1e-4)  # fmt: skip
+    for level in (3, 4):  # below the sparse engine's density: one group per level
+        assert both[("mp", level)]["engine"] == both[("lap", level)]["engine"] == "sparse"
+        assert both[("mp", level)]["wall_time"] == both[("lap", level)]["wall_time"]
+
+
 def test_iterative_runs_record_the_levels_they_went_through(tmp_path):
     db = tmp_path / "path.sqlite"
     base = ["sweep", "--model", "fcn", "--methods", "mp,mp", "--train-steps", "20",

@@ -460,28 +460,42 @@ class _Runner:
     ) -> None:  # fmt: skip
         """Levels applied in turn; each level's model is checkpointed so a rerun continues.
 
-        A chain is claimed whole; one another sweep holds is left to it.
+        The chains of all methods advance together, one level at a time, and at each level
+        their models retrain in groups as one-shot runs do (:func:`group_size`; on CPU the
+        sparse engine, which gives what separate chains would). A chain is claimed whole; one
+        another sweep holds is left to it.
         """
-        for method in methods:
-            keys = [self.key(protocol, method, lv) for lv in sorted(levels)]
-            missing = [k for k in keys if not self.store.has(k)]
-            if not missing:
-                continue
-            taken = self.claims.take(missing)
-            try:
-                if len(taken) < len(missing):
-                    continue
-                model = self._resume_chain(protocol, dense, data, method, sorted(levels))
-                for level in sorted(levels):
-                    if self.store.has(self.key(protocol, method, level)):
-                        continue
+        levels = sorted(levels)
+        missing: dict[str, list[str]] = {}
+        for method in dict.fromkeys(methods):
+            keys = [self.key(protocol, method, lv) for lv in levels]
+            if left := [k for k in keys if not self.store.has(k)]:
+                missing[method] = left
+        if not missing:
+            return
+        taken = set(self.claims.take([k for keys in missing.values() for k in keys]))
+        mine = [method for method, keys in missing.items() if taken.issuperset(keys)]
+        partial = taken.difference(*(missing[m] for m in mine))
+        self.claims.release(list(partial))  # chains held in part elsewhere are left to them
+        taken -= partial
+        try:
+            models = {m: self._resume_chain(protocol, dense, data, m, levels) for m in mine}
+            for level in levels:
+                todo = [m for m in mine if not self.store.has(self.key(protocol, m, level))]
+                size = self.batch_models or group_size(protocol, self.device, len(todo))
+                for i in range(0, len(todo), size):
+                    group = todo[i : i + size]
                     start = time.perf_counter()
-                    result = prune_and_retrain(protocol, model, dense, data, method, level)
-                    _save_pruned(self._ckpt(protocol, method, level), model)
-                    wall = time.perf_counter() - start
-                    self.record(protocol, dense, (method, level), result, wall)
-            finally:
-                self.claims.release(taken)
+                    results = prune_and_retrain_many(
+                        protocol, [models[m] for m in group], dense, data,
+                        [(m, level) for m in group], progress=self.progress,
+                    )  # fmt: skip
+                    wall = (time.perf_counter() - start) / len(group)
+                    for method, result in zip(group, results, strict=True):
+                        _save_pruned(self._ckpt(protocol, method, level), models[method])
+                        self.record(protocol, dense, (method, level), result, wall)
+        finally:
+            self.claims.release(list(taken))
 
 
 BACKENDS = ("local", "ray")
