@@ -221,8 +221,8 @@ def test_finetune_after_a_cosine_schedule_uses_the_last_positive_rate(tiny_data)
 
 
 def test_iterative_chains_of_several_methods_retrain_together_as_separate_chains_would(tmp_path):
-    base = ["sweep", "--model", "fcn", "--levels", "2,3,4", "--train-steps", "20",
-            "--retrain-steps", "6", "--subset", "600", "--mode", "iterative", "--quiet"]  # fmt: skip
+    base = ["sweep", "--model", "fcn", "--levels", "2,3,4", "--train-steps", "20", "--quiet",
+            "--retrain-steps", "6", "--subset", "600", "--mode", "iterative"]  # fmt: skip
     assert main([*base, "--methods", "mp,lap", "--db", str(tmp_path / "both.sqlite")]) == 0
     for method in ("mp", "lap"):
         assert main([*base, "--methods", method, "--db", str(tmp_path / f"{method}.sqlite")]) == 0
