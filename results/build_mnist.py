@@ -1,10 +1,11 @@
 """Build the MNIST result files (Fig. 2, Fig. 3, Table 1, Appendix B) from a results database.
 
-    python results/build_mnist.py results/mnist.sqlite
-    python results/build_mnist.py results/mnist-full.sqlite --out mnist-full
+    python results/build_mnist.py                       # full protocol: results/mnist-full.sqlite
+    python results/build_mnist.py results/mnist-reduced.sqlite --out mnist-reduced
 
 Reads the runs that ``results/run_mnist.sh`` stored and writes CSV, Markdown and PNG files under
-``results/<out>-linear/`` and ``results/<out>-fcn/`` (``<out>`` is ``mnist`` by default). A part
+``results/<out>-linear/`` and ``results/<out>-fcn/`` (``<out>`` is ``mnist`` by default, the
+paper's full protocol; the reduced protocol's files go to ``mnist-reduced-*``). A part
 whose runs are not (yet) in the database is skipped with a note, so a sweep still in progress
 can be tabulated seed by seed. Nothing here trains or prunes: every number comes from the
 database.
@@ -62,12 +63,20 @@ def _write_csv(path: Path, header: Sequence[str], lines: Iterable[Sequence[Any]]
     path.write_text(buf.getvalue())
 
 
+def dense_accuracy(rows: Iterable[Mapping[str, Any]]) -> tuple[float, float]:
+    """Test accuracy (%) of the dense models the rows were pruned from: mean, std over seeds."""
+    per_seed = {r["seed"]: 100 * r["dense_test_acc"] for r in rows}
+    return _stats(list(per_seed.values()))
+
+
 def accuracy_csv(path: Path, rows: list[dict[str, Any]], metric: str) -> None:
-    """``method,keep_percent,acc_mean,acc_std`` (accuracy in %) over seeds."""
+    """``method,keep_percent,acc_mean,acc_std`` (accuracy in %) over seeds; the first line is
+    the dense models (``dense,100.00``), the point every curve starts from."""
     groups: dict[tuple[str, float], list[float]] = defaultdict(list)
     for r in rows:
         groups[(r["method"], round(100 * r["keep"], 2))].append(100 * r[metric])
-    lines = []
+    mean, std = dense_accuracy(rows)
+    lines = [("dense", "100.00", f"{mean:.2f}", f"{std:.2f}")]
     for method in method_order({m for m, _ in groups}):
         for keep in sorted({k for m, k in groups if m == method}, reverse=True):
             mean, std = _stats(groups[(method, keep)])
@@ -92,6 +101,8 @@ def plot_panels(path: Path, panels: Sequence[tuple[str, list[dict[str, Any]], st
             lo = [m - s for m, s in zip(means, stds, strict=True)]
             hi = [m + s for m, s in zip(means, stds, strict=True)]
             ax.fill_between(keeps, lo, hi, alpha=0.2)
+        dense_mean = dense_accuracy(rows)[0]
+        ax.axhline(dense_mean, color="grey", ls="--", lw=1, label=f"dense ({dense_mean:.2f}%)")
         ax.set_xscale("log")
         ax.invert_xaxis()
         ax.set_xlabel("% weights remaining")
@@ -230,6 +241,8 @@ def appendix_b(out: Path, rows: list[dict[str, Any]]) -> None:
             keeps = sorted(pts, reverse=True)
             ax.plot(keeps, [_stats(pts[k])[0] for k in keeps], marker="o", ms=3,
                     label=method_label(method))  # fmt: skip
+        dense_mean = dense_accuracy(rows)[0]
+        ax.axhline(dense_mean, color="grey", ls="--", lw=1, label=f"dense ({dense_mean:.2f}%)")
         ax.set_xscale("log")
         ax.invert_xaxis()
         ax.set_xlabel("% weights remaining")
@@ -291,7 +304,7 @@ def protocol_note(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("db", nargs="?", default=str(HERE / "mnist.sqlite"))
+    parser.add_argument("db", nargs="?", default=str(HERE / "mnist-full.sqlite"))
     parser.add_argument("--out", default="mnist", help="folder prefix under results/")
     args = parser.parse_args()
     with RunStore(args.db) as store:

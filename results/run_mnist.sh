@@ -1,25 +1,25 @@
 #!/usr/bin/env bash
 # The MNIST experiments (Fig. 2, Fig. 3, Table 1, Appendix B, beyond the paper).
 # Every sweep is resumable: rerun this script after an interruption and it continues.
-#   bash results/run_mnist.sh                  # reduced protocol: 2 seeds, 3k + 1k steps
-#   FULL=1 bash results/run_mnist.sh           # the paper's: 5 seeds, 50k + 50k steps
-#   FULL=1 SEEDS=2 ONLY=table1 bash results/run_mnist.sh   # one seed of one part
+#   bash results/run_mnist.sh                  # the paper's protocol: 5 seeds, 50k + 50k steps
+#   SEEDS=2 ONLY=table1 bash results/run_mnist.sh          # one seed of one part
+#   REDUCED=1 bash results/run_mnist.sh        # quick protocol: 2 seeds, 3k + 1k steps
 # Parts (ONLY, space-separated): table1 linear sigmoid tanh appb global iterative.
 # One-shot sweeps of FCNs retrain each seed's pruned copies together with the sparse engine
 # (--engine auto), at the cost of their surviving weights.
-# then: .venv/bin/python results/build_mnist.py results/mnist.sqlite
-#   or: .venv/bin/python results/build_mnist.py results/mnist-full.sqlite --out mnist-full
+# then: .venv/bin/python results/build_mnist.py      (results/mnist-fcn/, results/mnist-linear/)
+#   or: .venv/bin/python results/build_mnist.py results/mnist-reduced.sqlite --out mnist-reduced
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
 LAP=".venv/bin/lap"
 ONLY="${ONLY:-table1 linear sigmoid tanh appb global iterative}"
-if [ "${FULL:-0}" = 1 ]; then
+if [ "${REDUCED:-0}" = 1 ]; then
+  DB=results/mnist-reduced.sqlite
+  COMMON="--dataset mnist --seeds ${SEEDS:-0,1} --train-steps 3000 --retrain-steps 1000 --db $DB --quiet"
+else
   DB=results/mnist-full.sqlite
   COMMON="--dataset mnist --seeds ${SEEDS:-0,1,2,3,4} --train-steps 50000 --retrain-steps 50000 --db $DB --quiet"
-else
-  DB=results/mnist.sqlite
-  COMMON="--dataset mnist --seeds ${SEEDS:-0,1} --train-steps 3000 --retrain-steps 1000 --db $DB --quiet"
 fi
 for part in $ONLY; do
   case $part in
