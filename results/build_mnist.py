@@ -241,8 +241,9 @@ def appendix_b(out: Path, rows: list[dict[str, Any]]) -> None:
             keeps = sorted(pts, reverse=True)
             ax.plot(keeps, [_stats(pts[k])[0] for k in keeps], marker="o", ms=3,
                     label=method_label(method))  # fmt: skip
-        dense_mean = dense_accuracy(rows)[0]
-        ax.axhline(dense_mean, color="grey", ls="--", lw=1, label=f"dense ({dense_mean:.2f}%)")
+        if metric == "test_acc_retrained":
+            dense_mean = dense_accuracy(rows)[0]
+            ax.axhline(dense_mean, color="grey", ls="--", lw=1, label=f"dense ({dense_mean:.2f}%)")
         ax.set_xscale("log")
         ax.invert_xaxis()
         ax.set_xlabel("% weights remaining")
@@ -309,7 +310,10 @@ def main() -> None:
     args = parser.parse_args()
     with RunStore(args.db) as store:
         every = newest(store.runs(dataset="mnist", retrain="finetune"))
-    rows = [r for r in every if r["mode"] == "oneshot" and r.get("scope", "layer") == "layer"]
+    oneshot = [r for r in every if r["mode"] == "oneshot" and r.get("scope", "layer") == "layer"]
+    rows = [r for r in oneshot if r["retrain_steps"] > 0]
+    # runs with --retrain-steps 0 measure only the accuracy right after pruning (Fig. 3d)
+    pruned_only = [r for r in oneshot if r["retrain_steps"] == 0]
 
     linear = _select(rows, model="linear")
     fcn = _select(rows, model="fcn")
@@ -330,13 +334,19 @@ def main() -> None:
     else:
         print("no linear-network runs yet: Fig. 2 skipped")
     if fcn:
-        fcn_files(HERE / f"{args.out}-fcn", fcn, every)
+        fcn_files(HERE / f"{args.out}-fcn", fcn, every, _select(pruned_only, model="fcn"))
     else:
         print("no FCN runs yet: Fig. 3, Table 1 and Appendix B skipped")
 
 
-def fcn_files(out: Path, fcn: list[dict[str, Any]], every: list[dict[str, Any]]) -> None:
-    """Fig. 3, Table 1, Appendix B and the beyond-the-paper rows, from whatever FCN runs exist."""
+def fcn_files(
+    out: Path, fcn: list[dict[str, Any]], every: list[dict[str, Any]],
+    pruned_only: list[dict[str, Any]],
+) -> None:  # fmt: skip
+    """Fig. 3, Table 1, Appendix B and the beyond-the-paper rows, from whatever FCN runs exist.
+
+    ``pruned_only`` (runs without retraining) add levels to Fig. 3d, before retraining only.
+    """
     out.mkdir(exist_ok=True)
     relu = _select(fcn, activation="relu")
     panels = []
@@ -345,7 +355,11 @@ def fcn_files(out: Path, fcn: list[dict[str, Any]], every: list[dict[str, Any]])
         if sub:
             accuracy_csv(out / f"fig3_{act}_after_retrain.csv", sub, "test_acc_retrained")
             panels.append((f"({tag}) {act}, after retraining", sub, "test_acc_retrained"))
-    relu_mp_lap = [r for r in relu if r["method"] in ("mp", "lap")]
+    before = {  # one row per pruning: a retrained run and a prune-only one agree before retraining
+        (r["method"], r["level"], r["seed"]): r
+        for r in [*_select(pruned_only, activation="relu"), *relu]
+    }
+    relu_mp_lap = [r for r in before.values() if r["method"] in ("mp", "lap")]
     if relu_mp_lap:
         accuracy_csv(out / "before_retrain.csv", relu_mp_lap, "test_acc_pruned")
         panels.append(("(d) relu, before retraining", relu_mp_lap, "test_acc_pruned"))
@@ -356,8 +370,11 @@ def fcn_files(out: Path, fcn: list[dict[str, Any]], every: list[dict[str, Any]])
         table1(out, table_rows)
     if relu:
         appendix_b(out, relu)
-    (out / "protocol.txt").write_text(protocol_note(fcn))
-    beyond_rows = [r for r in every if r["model"] == "fcn" and r["activation"] == "relu"]
+    (out / "protocol.txt").write_text(protocol_note(fcn + pruned_only))
+    beyond_rows = [
+        r for r in every
+        if r["model"] == "fcn" and r["activation"] == "relu" and r["retrain_steps"] > 0
+    ]  # fmt: skip
     if any(r["mode"] == "iterative" or r.get("scope") == "global" for r in beyond_rows):
         beyond(out, beyond_rows)
     print(f"wrote {out}")

@@ -4,7 +4,7 @@
 #   bash results/run_mnist.sh                  # the paper's protocol: 5 seeds, 50k + 50k steps
 #   SEEDS=2 ONLY=table1 bash results/run_mnist.sh          # one seed of one part
 #   REDUCED=1 bash results/run_mnist.sh        # quick protocol: 2 seeds, 3k + 1k steps
-# Parts (ONLY, space-separated): table1 linear sigmoid tanh appb global iterative.
+# Parts (ONLY, space-separated): table1 linear sigmoid tanh fig3d appb global iterative.
 # One-shot sweeps of FCNs retrain each seed's pruned copies together with the sparse engine
 # (--engine auto), at the cost of their surviving weights.
 # then: .venv/bin/python results/build_mnist.py      (results/mnist-fcn/, results/mnist-linear/)
@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
 LAP=".venv/bin/lap"
-ONLY="${ONLY:-table1 linear sigmoid tanh appb global iterative}"
+ONLY="${ONLY:-table1 linear sigmoid tanh fig3d appb global iterative}"
 if [ "${REDUCED:-0}" = 1 ]; then
   DB=results/mnist-reduced.sqlite
   COMMON="--dataset mnist --seeds ${SEEDS:-0,1} --train-steps 3000 --retrain-steps 1000 --db $DB --quiet"
@@ -29,6 +29,9 @@ for part in $ONLY; do
     sigmoid) $LAP sweep --model fcn --activation sigmoid --methods mp,lap --levels 4-10 $COMMON ;;
     tanh) $LAP sweep --model fcn --activation tanh --methods mp,lap --levels 4-10 $COMMON ;;
     appb) $LAP sweep --model fcn --methods mp,lap --levels 1-3 $COMMON ;;
+    # Fig. 3d's levels above Table 1's (50%, 25%, 12.6% kept) before retraining: prune and
+    # evaluate only, so they cost seconds; appb retrains the same prunings for Appendix B.
+    fig3d) $LAP sweep --model fcn --methods mp,lap --levels 1-3 $COMMON --retrain-steps 0 ;;
     # Beyond the paper, at the sparsest level of Table 1 (level 10, 0.12% kept): global budgets
     # and iterative pruning (five prune-retrain rounds, so 5x the retraining of one-shot rows).
     global) $LAP sweep --model fcn --methods lamp,lap,mp --levels 10 --scope global $COMMON ;;
