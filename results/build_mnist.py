@@ -69,6 +69,12 @@ def dense_accuracy(rows: Iterable[Mapping[str, Any]]) -> tuple[float, float]:
     return _stats(list(per_seed.values()))
 
 
+def dense_line(ax: Any, rows: Iterable[Mapping[str, Any]]) -> None:
+    """The dense models' mean test accuracy as a dashed line: where every curve starts."""
+    mean = dense_accuracy(rows)[0]
+    ax.axhline(mean, color="grey", ls="--", lw=1, label=f"dense ({mean:.2f}%)")
+
+
 def accuracy_csv(path: Path, rows: list[dict[str, Any]], metric: str) -> None:
     """``method,keep_percent,acc_mean,acc_std`` (accuracy in %) over seeds; the first line is
     the dense models (``dense,100.00``), the point every curve starts from."""
@@ -101,8 +107,7 @@ def plot_panels(path: Path, panels: Sequence[tuple[str, list[dict[str, Any]], st
             lo = [m - s for m, s in zip(means, stds, strict=True)]
             hi = [m + s for m, s in zip(means, stds, strict=True)]
             ax.fill_between(keeps, lo, hi, alpha=0.2)
-        dense_mean = dense_accuracy(rows)[0]
-        ax.axhline(dense_mean, color="grey", ls="--", lw=1, label=f"dense ({dense_mean:.2f}%)")
+        dense_line(ax, rows)
         ax.set_xscale("log")
         ax.invert_xaxis()
         ax.set_xlabel("% weights remaining")
@@ -242,8 +247,7 @@ def appendix_b(out: Path, rows: list[dict[str, Any]]) -> None:
             ax.plot(keeps, [_stats(pts[k])[0] for k in keeps], marker="o", ms=3,
                     label=method_label(method))  # fmt: skip
         if metric == "test_acc_retrained":
-            dense_mean = dense_accuracy(rows)[0]
-            ax.axhline(dense_mean, color="grey", ls="--", lw=1, label=f"dense ({dense_mean:.2f}%)")
+            dense_line(ax, rows)
         ax.set_xscale("log")
         ax.invert_xaxis()
         ax.set_xlabel("% weights remaining")

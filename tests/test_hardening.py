@@ -278,7 +278,7 @@ def test_two_sweeps_on_one_database_split_the_work_and_repeat_nothing(tmp_path):
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+    assert [p.returncode for p in procs] == [0, 0], "\n=====\n".join(outs)[-3000:]
     done = [int(o.split(" runs done")[0].split()[-1]) for o in outs]
     dense = [int(o.split(" dense models trained")[0].split()[-1]) for o in outs]
     assert sum(done) == 6 and sum(dense) == 1, outs  # every run computed once, dense once

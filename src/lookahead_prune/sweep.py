@@ -414,16 +414,23 @@ class _Runner:
                 ]  # fmt: skip
                 if not mine:
                     continue
-                start = time.perf_counter()
                 models = [dense_model(protocol, dense, data) for _ in mine]
-                results = prune_and_retrain_many(
-                    protocol, models, dense, data, mine, progress=self.progress
-                )
-                wall = (time.perf_counter() - start) / len(mine)
+                results, wall = self._retrain_group(protocol, models, dense, data, mine)
                 for job, result in zip(mine, results, strict=True):
                     self.record(protocol, dense, job, result, wall)
             finally:
                 self.claims.release(taken)
+
+    def _retrain_group(
+        self, protocol: Protocol, models: list[nn.Module], dense: DenseModel, data: ImageDataset,
+        jobs: list[tuple[str, int]],
+    ) -> tuple[list[LevelResult], float]:  # fmt: skip
+        """Prune and retrain ``models`` as one group: their results, each run's time share."""
+        start = time.perf_counter()
+        results = prune_and_retrain_many(
+            protocol, models, dense, data, jobs, progress=self.progress
+        )
+        return results, (time.perf_counter() - start) / len(jobs)
 
     def _resume_chain(
         self, protocol: Protocol, dense: DenseModel, data: ImageDataset, method: str,
@@ -485,12 +492,10 @@ class _Runner:
                 size = self.batch_models or group_size(protocol, self.device, len(todo))
                 for i in range(0, len(todo), size):
                     group = todo[i : i + size]
-                    start = time.perf_counter()
-                    results = prune_and_retrain_many(
+                    results, wall = self._retrain_group(
                         protocol, [models[m] for m in group], dense, data,
-                        [(m, level) for m in group], progress=self.progress,
+                        [(m, level) for m in group],
                     )  # fmt: skip
-                    wall = (time.perf_counter() - start) / len(group)
                     for method, result in zip(group, results, strict=True):
                         _save_pruned(self._ckpt(protocol, method, level), models[method])
                         self.record(protocol, dense, (method, level), result, wall)
