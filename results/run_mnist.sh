@@ -15,10 +15,10 @@ export OMP_WAIT_POLICY=PASSIVE
 LAP=".venv/bin/lap"
 ONLY="${ONLY:-table1 linear sigmoid tanh fig3d appb global iterative}"
 if [ "${REDUCED:-0}" = 1 ]; then
-  DB=results/mnist-reduced.sqlite
+  DB=${DB:-results/mnist-reduced.sqlite}
   COMMON="--dataset mnist --seeds ${SEEDS:-0,1} --train-steps 3000 --retrain-steps 1000 --db $DB --quiet"
 else
-  DB=results/mnist-full.sqlite
+  DB=${DB:-results/mnist-full.sqlite}
   COMMON="--dataset mnist --seeds ${SEEDS:-0,1,2,3,4} --train-steps 50000 --retrain-steps 50000 --db $DB --quiet"
 fi
 for part in $ONLY; do
