@@ -216,9 +216,12 @@ def _holders(model: nn.Module) -> set[str]:
 def trace_fx(model: nn.Module) -> fx.GraphModule:
     """Symbolic trace with prunable layers and norms as leaves; raises GraphError in one line."""
     # forward() may assign attributes (self.feat = x); tracing would leave Proxies behind
+    # and tensor constants (torch.ones(8)) as _tensor_constant0: the GraphModule copies those
+    # before the model gets its own attributes back, so the model is left as it was
     saved = [(m, dict(m.__dict__)) for m in model.modules()]
     try:
         graph = _LeafTracer(_holders(model)).trace(model)
+        return fx.GraphModule(model, graph)
     except Exception as exc:  # any tracing failure gets the same clear message
         raise GraphError(
             f"torch.fx cannot trace it ({type(exc).__name__}: {_first_line(exc)})"
@@ -227,7 +230,6 @@ def trace_fx(model: nn.Module) -> fx.GraphModule:
         for m, attrs in saved:
             m.__dict__.clear()
             m.__dict__.update(attrs)
-    return fx.GraphModule(model, graph)
 
 
 def _first_line(exc: BaseException) -> str:
