@@ -14,6 +14,8 @@ layers write the units it reads (producers) and which layers read the units it w
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -105,27 +107,106 @@ def layers_only(model: nn.Module) -> LayerGraph:
     return LayerGraph({n: new_layer(n, m) for n, m in prunable_layers(model).items()}, "none")
 
 
-def _capture(model: nn.Module, mode: str, example_inputs: ExampleInputs) -> Captured:
-    """fx first (exact for the paper's models); torch.export where fx fails or hides layers."""
-    fx_error = None
-    if mode == "fx":
-        try:
-            cap, hidden = capture_fx(model, example_inputs)
-            if not hidden:
-                return cap
-            fx_error = f"torch.fx keeps {hidden[0]!r} inside a module it cannot see into"
-        except GraphError as exc:
-            fx_error = str(exc)
-    try:
+_TRACERS = {"fx": ("fx", "export"), "export": ("export",)}
+
+
+def _capture_with(model: nn.Module, how: str, example_inputs: ExampleInputs) -> Captured:
+    """Capture with one tracer; fx fails where it keeps a prunable layer out of sight."""
+    if how == "export":
         return capture_export(model, example_inputs)
-    except GraphError as exc:
-        first = f"{fx_error}; " if fx_error else ""
-        raise GraphError(
-            f"cannot capture {type(model).__name__}: {first}{exc}. Pass example_inputs=(a "
-            "batch of real inputs,) (a tuple or a dict of keyword arguments), make forward() "
-            "free of data-dependent control flow, or pass graph='sequential' to chain the "
-            "prunable layers in module order."
-        ) from None
+    cap, hidden = capture_fx(model, example_inputs)
+    if hidden:
+        raise GraphError(f"it keeps {hidden[0]!r} inside a module it cannot see into")
+    return cap
+
+
+def _follow(
+    model: nn.Module, mode: str, example_inputs: ExampleInputs, strict: bool, rules: RuleSet
+) -> LayerGraph:
+    """fx first (exact for the paper's models), torch.export where fx cannot capture the model
+    or its graph cannot be followed strictly; ``strict=False`` approximates only where no
+    tracer gives a graph that can be followed exactly."""
+    failures: list[tuple[str, str]] = []
+    captured: Captured | None = None
+    for how in _TRACERS[mode]:
+        try:
+            cx = _capture_with(model, how, example_inputs)
+        except GraphError as exc:
+            failures.append((how, f"cannot capture it: {exc}"))
+            continue
+        try:
+            return analyse(cx, model, rules, True)
+        except GraphError as exc:
+            failures.append((how, str(exc)))
+            captured = captured or cx
+    if captured is not None and not strict:
+        return analyse(captured, model, rules, False)
+    raise GraphError(_failed(model, mode, example_inputs, failures, captured, rules))
+
+
+def _failed(
+    model: nn.Module,
+    mode: str,
+    example_inputs: ExampleInputs,
+    failures: list[tuple[str, str]],
+    captured: Captured | None,
+    rules: RuleSet,
+) -> str:
+    """One line: what failed under each tracer, then only the ways out that can work."""
+    said = "; ".join(f"torch.{how}: {_first_sentence(msg)}" for how, msg in failures)
+    ways = []
+    if captured is None:
+        if example_inputs is None:
+            ways.append("pass example_inputs=(a batch of real inputs,) (a tuple or a dict)")
+        part = _largest_part(model)
+        if part:
+            ways.append(f"prune a part that both can follow (e.g. lp.prune(model.{part}, ...))")
+        ways.append("make forward() free of Python control flow on tensor values")
+    else:
+        if any("cannot follow units through" in msg for _, msg in failures):
+            ways.append(
+                "register a unit-preserving op with lookahead_prune.graph.register_passthrough"
+            )
+        ways.append("pass strict=False to give the layers next to it a factor of 1 there")
+    if mode == "export" and _fx_follows(model, example_inputs, rules):
+        ways.append("pass graph='fx' (torch.fx follows it)")
+    if _chains(model, captured):
+        ways.append("pass graph='sequential' to chain the layers in module order")
+    return f"cannot follow {type(model).__name__}: {said}. Ways out: {'; '.join(ways)}."
+
+
+def _fx_follows(model: nn.Module, example_inputs: ExampleInputs, rules: RuleSet) -> bool:
+    """Whether torch.fx captures the model and its graph can be followed strictly."""
+    try:
+        analyse(_capture_with(model, "fx", example_inputs), model, rules, True)
+    except GraphError:
+        return False
+    return True
+
+
+def _first_sentence(msg: str) -> str:
+    """The fact of an error message, without the advice that follows it."""
+    head = msg.split(". ", 1)[0].strip().rstrip(".")
+    return head if len(head) <= 300 else head[:297] + "..."
+
+
+def _largest_part(model: nn.Module) -> str | None:
+    """The child module holding the most prunable weights, to suggest pruning it alone."""
+    best, most = None, 0
+    for name, child in model.named_children():
+        n = sum(getattr(m, weight_name(m)).numel() for m in prunable_layers(child).values())
+        if n > most and not (layer_type(child) is not None):
+            best, most = name, n
+    return best
+
+
+def _chains(model: nn.Module, captured: Captured | None) -> bool:
+    """Whether graph='sequential' can chain the model: no gate, concatenation or attention
+    in the captured graph, and each layer's inputs a multiple of the previous one's outputs."""
+    if captured is not None and branch_points(captured, model):
+        return False
+    layers = [new_layer(n, m) for n, m in prunable_layers(model).items()]
+    return all(b.in_units % a.out_units == 0 for a, b in itertools.pairwise(layers))
 
 
 def _sequential_graph(
@@ -185,15 +266,26 @@ def _refuse_branches(model: nn.Module, example_inputs: ExampleInputs) -> None:
     out), and the paper's ResNet results are reproduced with it. Models that can be captured
     neither by fx nor by torch.export are chained as before (that is what the mode is for).
     """
-    try:
-        cx = _capture(model, "fx", example_inputs)
-    except GraphError:
+    cx = None
+    for how in _TRACERS["fx"]:
+        with contextlib.suppress(GraphError):
+            cx = _capture_with(model, how, example_inputs)
+            break
+    if cx is None:
         return
     found = branch_points(cx, model)
     if found:
+        try:
+            _follow(model, "fx", example_inputs, True, DEFAULT_RULES)
+            way = "use graph='fx'"
+        except GraphError:
+            way = (
+                "use graph='fx' with strict=False (neither torch.fx nor torch.export can "
+                "follow every layer's neighbours exactly; those sides get a factor of 1)"
+            )
         raise GraphError(
             f"graph='sequential' cannot chain {type(model).__name__}: {found[0]}, which module "
-            "order cannot express; use graph='fx'."
+            f"order cannot express; {way}."
         )
 
 
@@ -253,11 +345,10 @@ def build_graph(
     if mode == "sequential":
         graph = _sequential_graph(model, skipped, example_inputs)
     else:
-        captured = _capture(model, mode, example_inputs)
         try:
-            graph = analyse(captured, model, rules, strict)
+            graph = _follow(model, mode, example_inputs, strict, rules)
         except GraphError as err:
-            if example_inputs is not None:
+            if example_inputs is not None or "example_inputs" in str(err):
                 raise
             raise GraphError(
                 f"{err} (shapes came from a guessed input; if the model takes another shape, "

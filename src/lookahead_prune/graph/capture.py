@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import traceback
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from io import StringIO
 from typing import Any
 
 import torch
@@ -167,20 +170,40 @@ def _evaluating(model: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """No warnings or tracebacks logged by torch while a guess may fail: one line is ours."""
-    names = ["torch._subclasses.fake_tensor", "torch.export", "torch._export", "torch.fx"]
-    names += ["torch._dynamo", "torch.fx.experimental.symbolic_shapes", "torch._functorch"]
+    """Nothing from torch while a capture may fail: no warnings, no log records, and no
+    partial graph torch.export prints to stderr on a failed try (hundreds of lines for a
+    large model); our one line says what failed."""
+    names = ["torch", *(n for n in logging.root.manager.loggerDict if n.startswith("torch."))]
     loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
+    states = [(lg.level, lg.disabled) for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
+        lg.setLevel(logging.CRITICAL + 1)
+    sink = StringIO()
     try:
-        with warnings.catch_warnings():
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(sink),
+            contextlib.redirect_stderr(sink),
+        ):
             warnings.simplefilter("ignore")
             yield
     finally:
-        for lg, level in zip(loggers, levels, strict=True):
+        for lg, (level, disabled) in zip(loggers, states, strict=True):
             lg.setLevel(level)
+            lg.disabled = disabled
+
+
+def _where(exc: BaseException) -> str:
+    """`` at file.py:12`` for the innermost frame of the model's own code in a traceback."""
+    torch_dir = os.path.dirname(torch.__file__)
+    ours = os.path.dirname(os.path.dirname(__file__))
+    found = ""
+    for frame, line in traceback.walk_tb(exc.__traceback__):
+        path = frame.f_code.co_filename
+        if path.startswith((torch_dir, ours)) or path.startswith("<"):
+            continue
+        found = f" at {os.path.basename(path)}:{line}"
+    return found
 
 
 # --------------------------------------------------------------------------- fx
@@ -223,9 +246,7 @@ def trace_fx(model: nn.Module) -> fx.GraphModule:
         graph = _LeafTracer(_holders(model)).trace(model)
         return fx.GraphModule(model, graph)
     except Exception as exc:  # any tracing failure gets the same clear message
-        raise GraphError(
-            f"torch.fx cannot trace it ({type(exc).__name__}: {_first_line(exc)})"
-        ) from None
+        raise GraphError(f"{type(exc).__name__}{_where(exc)}: {_first_line(exc)}") from None
     finally:
         for m, attrs in saved:
             m.__dict__.clear()
@@ -427,7 +448,7 @@ def capture_export(model: nn.Module, example_inputs: ExampleInputs) -> Captured:
         else [(c, {}) for c in _guess_export_inputs(model)]
     )
     if not cands:
-        raise GraphError("torch.export needs example_inputs=(a batch of real inputs,)")
+        raise GraphError("it needs example_inputs=(a batch of real inputs,)")
     first_error = None
     with _evaluating(model):
         for args, kwargs in cands:
@@ -437,9 +458,9 @@ def capture_export(model: nn.Module, example_inputs: ExampleInputs) -> Captured:
                 break
             except Exception as exc:  # try the next guess
                 if first_error is None:
-                    first_error = f"{type(exc).__name__}: {_first_line(exc)}"
+                    first_error = f"{type(exc).__name__}{_where(exc)}: {_first_line(exc)}"
         else:
-            raise GraphError(f"torch.export cannot capture it ({first_error})")
+            raise GraphError(first_error)
     graph = ep.graph_module.graph
     sig = ep.graph_signature
     cap = Captured(graph, "export", dict(model.named_modules()))
