@@ -300,3 +300,36 @@ def test_tie_filling_never_revives_a_pruned_weight():
     assert top_k_mask(scores, 2, alive).tolist() == [False, True, True]
     exact = torch.tensor([1.0, 1.0 + 1e-12], dtype=torch.float64)
     assert top_k_mask(exact, 1).tolist() == [False, True]  # float64 scores are not rounded
+
+
+class TiedHead(nn.Module):
+    """A language-model-like net whose head shares the token embedding (GPT-2's lm_head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(40, 16)
+        self.fc = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 40, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.fc(self.emb(ids))))
+
+
+def test_report_counts_pruned_layers_and_keeps_excluded_ones_apart():
+    model = TiedHead()
+    report = lp.prune(model, "lap", 0.2, exclude=["head"])
+    assert [r.name for r in report.layers] == ["fc"]
+    assert report.keep == round(0.2 * 256) / 256  # not (51 + 640) / 896, the head at 100%
+    assert [(r.name, r.kept, r.total) for r in report.excluded] == [("head", 640, 640)]
+    assert report.keep_overall == (51 + 640) / (256 + 640)  # what results databases store
+    assert "left dense: 1 prunable layers, 640 weights" in report.table()
+    assert dict(report.dense)["head.weight"].startswith("excluded, tied to")
+    # a keep dict: layers left out are apart too; a layer pruned before still counts
+    model = _mlp()
+    lp.prune(model, "mp", {"1": 0.5})
+    report = lp.prune(model, "mp", {"3": 0.25})
+    assert [r.name for r in report.layers] == ["1", "3"]
+    assert [r.name for r in report.excluded] == ["5", "7"]
+    assert report.kept == 60 + 20 and report.total == 120 + 80

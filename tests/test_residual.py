@@ -56,7 +56,8 @@ def test_excluded_layers_stay_dense_and_the_rest_is_pruned(resnet, graph):
     model = build_model("resnet18", seed=0)
     report = lp.prune(model, "lap", 0.2, graph=graph, exclude=["*shortcut*"])
     kept = {r.name: r.keep for r in report.layers}
-    assert all(kept[n] == 1.0 for n in SHORTCUTS)
+    assert {r.name for r in report.excluded} == SHORTCUTS
+    assert all(r.keep == 1.0 for r in report.excluded)
     assert all(abs(kept[n] - 0.2) < 1e-3 for n in kept if n not in SHORTCUTS)
     assert not any(hasattr(dict(model.named_modules())[n], "weight_mask") for n in SHORTCUTS)
 
@@ -91,6 +92,11 @@ def test_protocol_exclude_keeps_the_schedule_off_those_layers():
     assert all(result.keep_layers[n] == 1.0 for n in SHORTCUTS)
     assert result.keep_layers["conv1"] == 1.0  # the paper keeps ResNet-18's first conv dense
     assert result.keep_layers["layer1.0.conv1"] < 0.25
+    # the stored keep counts the dense layers whole, as it always has (issue 23 kept it so)
+    layers = lp.graph.prunable_layers(model)
+    masks = [getattr(m, "weight_mask", torch.ones_like(m.weight)) for m in layers.values()]
+    assert result.keep == sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+    assert list(result.keep_layers) == list(layers)
 
 
 @pytest.mark.parametrize("name", ["conv6", "vgg11", "vgg16", "vgg19", "resnet18"])

@@ -24,7 +24,14 @@ from .graph import GRAPH_MODES, prunable_layers
 from .models import build_model, dense_layer_names
 from .models.activations import ACTIVATIONS
 from .progress import progress_bar
-from .prune import canonical_method, excluded_layers, parse_method, prune
+from .prune import (
+    LayerResult,
+    PruneReport,
+    canonical_method,
+    excluded_layers,
+    parse_method,
+    prune,
+)
 from .schedule import kept_fraction, level_keep, paper_pq
 from .scores import score_spec
 from .train import (
@@ -415,8 +422,8 @@ def prune_and_retrain_many(
         after_train = evaluate(model, *_train_subset(protocol, data))
         results.append(
             LevelResult(
-                keep=report.keep,
-                keep_layers={r.name: r.keep for r in report.layers},
+                keep=report.keep_overall,  # stored meaning: dense layers count, whole
+                keep_layers={r.name: r.keep for r in _every_layer(model, report)},
                 test_acc_pruned=b.accuracy,
                 test_loss_pruned=b.loss,
                 train_acc_pruned=bt.accuracy,
@@ -428,6 +435,12 @@ def prune_and_retrain_many(
             )
         )
     return results
+
+
+def _every_layer(model: nn.Module, report: PruneReport) -> list[LayerResult]:
+    """Pruned and dense layers of a report in module order (stored ``keep_layers``)."""
+    by_name = {r.name: r for r in (*report.layers, *report.excluded)}
+    return [by_name[n] for n in prunable_layers(model) if n in by_name]
 
 
 def _recalibrated(protocol: Protocol, model: nn.Module, data: ImageDataset) -> dict[str, float]:

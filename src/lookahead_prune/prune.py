@@ -106,7 +106,12 @@ class LayerResult:
 
 @dataclass(frozen=True)
 class PruneReport:
-    """What ``prune`` did: method, settings and the per-layer survivor counts."""
+    """What ``prune`` did: method, settings and the per-layer survivor counts.
+
+    ``layers`` are the layers that carry a mask (pruned now, or before and counting toward
+    the fraction); ``keep``, ``kept`` and ``total`` are over those alone. Prunable layers left
+    dense (``exclude``, or left out of a keep dict or ``layers``) are apart in ``excluded``.
+    """
 
     method: str
     order: str
@@ -115,21 +120,30 @@ class PruneReport:
     layers: tuple[LayerResult, ...]
     dense: tuple[tuple[str, str], ...] = ()  # weight tensors left dense: (name, why)
     approximated: tuple[tuple[str, str], ...] = ()  # strict=False: layer, what was opened
+    excluded: tuple[LayerResult, ...] = ()  # prunable layers left dense, all weights kept
 
     @property
     def total(self) -> int:
-        """Number of weights in the prunable layers."""
+        """Number of weights in the pruned layers."""
         return sum(r.total for r in self.layers)
 
     @property
     def kept(self) -> int:
-        """Number of surviving weights in the prunable layers."""
+        """Number of surviving weights in the pruned layers."""
         return sum(r.kept for r in self.layers)
 
     @property
     def keep(self) -> float:
-        """Overall fraction of prunable weights that survive."""
-        return self.kept / self.total
+        """Fraction of the pruned layers' weights that survive (1.0 when none is pruned)."""
+        return self.kept / self.total if self.total else 1.0
+
+    @property
+    def keep_overall(self) -> float:
+        """Fraction over every prunable layer, the ones left dense counted whole: what
+        ``keep`` meant before excluded layers were reported apart, and what a results
+        database stores as ``keep``."""
+        total = self.total + sum(r.total for r in self.excluded)
+        return (self.kept + sum(r.kept for r in self.excluded)) / total
 
     def table(self) -> str:
         """A plain-text table of layers, survivors and kept fractions."""
@@ -152,6 +166,12 @@ class PruneReport:
             f"{'total':<{n}} {'':<{k}} {'':<20} {self.kept:>10} {self.total:>10} "
             f"{100 * self.keep:>7.2f}%"
         )
+        if self.excluded:
+            n_dense = sum(r.total for r in self.excluded)
+            lines.append(
+                f"left dense: {len(self.excluded)} prunable layers, {n_dense} weights "
+                f"(over every prunable layer {100 * self.keep_overall:.2f}% kept)"
+            )
         for name, why in self.dense:
             lines.append(f"dense: {name} ({why})")
         for name, why in self.approximated:
@@ -531,11 +551,12 @@ def prune(
     modules = prunable_layers(model)
     for name, mask in masks.items():
         apply_mask(modules[name], mask, weight_name(modules[name]))
-    results = []
+    results, left = [], []
     for name, module in modules.items():
         mask = _mask_of(module)
         kind = layer_type(module).name
-        results.append(LayerResult(name, kind, tuple(mask.shape), mask.numel(), int(mask.sum())))
+        result = LayerResult(name, kind, tuple(mask.shape), mask.numel(), int(mask.sum()))
+        (results if name in masks or is_masked(module) else left).append(result)
     emptied = [r.name for r in results if r.kept == 0 and r.name in masks]
     if emptied:
         warnings.warn(
@@ -555,6 +576,7 @@ def prune(
         tuple(results),
         dense_weights(model, set(masks), excluded_layers(modules, exclude)),
         approximated,
+        tuple(left),
     )
 
 
@@ -576,6 +598,11 @@ def _canonical_weights(modules: Mapping[str, nn.Module]) -> dict[str, Tensor]:
 def _mask_of(module: nn.Module) -> Tensor:
     """The current mask of the parameter a prunable module has pruned."""
     return current_mask(module, weight_name(module))
+
+
+def is_masked(module: nn.Module) -> bool:
+    """Whether a prunable module's weight carries a mask (it was pruned, now or before)."""
+    return hasattr(module, f"{weight_name(module)}_mask")
 
 
 def _own_layout(modules: Mapping[str, nn.Module], masks: Mapping[str, Tensor]) -> dict:
