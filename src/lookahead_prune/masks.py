@@ -1,5 +1,7 @@
 """Scores -> masks: exact survivor counts with deterministic ties, per layer or globally,
-applied with ``torch.nn.utils.prune`` so the usual ``weight_orig``/``weight_mask`` result.
+applied with ``torch.nn.utils.prune`` so the usual ``weight_orig``/``weight_mask`` result
+(a parametrised weight, weight norm or spectral norm, gets the mask as one more
+parametrisation: :class:`WeightMask`).
 """
 
 from __future__ import annotations
@@ -8,23 +10,77 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
+
+
+class WeightMask(nn.Module):
+    """A mask as one more parametrisation (``torch.nn.utils.parametrize``): the weight a
+    weight-normalised or spectral-normalised layer computes with is its own weight times the
+    mask. The mask is a buffer, ``parametrizations.weight.<i>.mask`` in the state dict."""
+
+    def __init__(self, mask: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight * self.mask
+
+    def right_inverse(self, weight: Tensor) -> Tensor:
+        return weight  # assigning a weight sets the parametrisations before the mask
+
+
+def _parametrized(module: nn.Module, name: str) -> bool:
+    return parametrize.is_parametrized(module, name)
+
+
+def mask_parametrization(module: nn.Module, name: str = "weight") -> WeightMask | None:
+    """The :class:`WeightMask` on a parametrised weight, or None."""
+    if not _parametrized(module, name):
+        return None
+    return next((p for p in module.parametrizations[name] if isinstance(p, WeightMask)), None)
+
+
+def is_masked(module: nn.Module, name: str = "weight") -> bool:
+    """Whether ``name`` carries a mask: ``torch.nn.utils.prune``'s or a :class:`WeightMask`."""
+    return hasattr(module, f"{name}_mask") or mask_parametrization(module, name) is not None
 
 
 def current_mask(module: nn.Module, name: str = "weight") -> Tensor:
     """The module's weight mask (all ones when it has never been pruned), as bool."""
     mask = getattr(module, f"{name}_mask", None)
     if mask is None:
-        return torch.ones_like(getattr(module, name), dtype=torch.bool)
+        masked = mask_parametrization(module, name)
+        if masked is not None:
+            return masked.mask.detach().bool()
+        return torch.ones_like(_weight(module, name), dtype=torch.bool)
     return mask.detach().bool()
 
 
-def effective_weight(module: nn.Module, name: str = "weight") -> Tensor:
-    """The weight the module computes with: ``weight_orig * weight_mask`` once pruned."""
-    orig = getattr(module, f"{name}_orig", None)
-    if orig is None:
+def _weight(module: nn.Module, name: str) -> Tensor:
+    """The weight as forward() sees it, read without side effects: a parametrised weight is
+    computed with its parametrisations in eval mode (spectral norm's power iteration would
+    otherwise update its buffers on every read)."""
+    if not _parametrized(module, name):
         return getattr(module, name).detach()
-    return (orig * getattr(module, f"{name}_mask")).detach()
+    plist = module.parametrizations[name]
+    modes = [(m, m.training) for m in plist.modules()]
+    plist.eval()
+    try:
+        with torch.no_grad():
+            return getattr(module, name).detach()
+    finally:
+        for m, flag in modes:
+            m.training = flag
+
+
+def effective_weight(module: nn.Module, name: str = "weight") -> Tensor:
+    """The weight the module computes with: ``weight_orig * weight_mask`` once pruned, or the
+    parametrised weight (weight norm, spectral norm) with its :class:`WeightMask`."""
+    orig, mask = getattr(module, f"{name}_orig", None), getattr(module, f"{name}_mask", None)
+    if orig is None or mask is None:  # (the hook-based spectral norm has a weight_orig too)
+        return _weight(module, name)
+    return (orig * mask).detach()
 
 
 _SAMPLE = 65536  # strided sample size used to bracket the threshold in large tensors
@@ -107,7 +163,17 @@ def global_masks(
 
 
 def apply_mask(module: nn.Module, mask: Tensor, name: str = "weight") -> None:
-    """Apply ``mask`` with ``torch.nn.utils.prune`` (cumulative with any earlier mask)."""
+    """Apply ``mask`` with ``torch.nn.utils.prune`` (cumulative with any earlier mask); a
+    parametrised weight gets it as a :class:`WeightMask` appended to its parametrisations."""
+    if _parametrized(module, name):
+        weight = _weight(module, name)
+        mask = mask.to(device=weight.device, dtype=weight.dtype)
+        masked = mask_parametrization(module, name)
+        if masked is not None:
+            masked.mask.mul_(mask)  # cumulative, as torch.nn.utils.prune
+        else:
+            parametrize.register_parametrization(module, name, WeightMask(mask))
+        return
     weight = getattr(module, name)
     mask = mask.to(device=weight.device, dtype=weight.dtype)
     torch_prune.custom_from_mask(module, name, mask)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .data_scores import MEASURES, Data, measure
 from .graph import (
@@ -30,6 +31,7 @@ from .graph import (
 )
 from .graph.capture import ExampleInputs
 from .masks import apply_mask, current_mask, effective_weight, global_masks, top_k_mask
+from .masks import is_masked as masks_is_masked
 from .scores import SCORES, Neighbourhood, scale_rows, score_function, score_spec
 
 ORDERS = ("base", "forward", "backward")
@@ -415,12 +417,9 @@ def compute_masks(
         if spec.order != "base":
             raise ValueError("scope='global' prunes all layers at once; use order='base'")
     for n in targets:
-        m, wn = modules[n], weight_name(modules[n])
-        if not hasattr(m, f"{wn}_orig") and not isinstance(m._parameters.get(wn), nn.Parameter):
-            raise ValueError(
-                f"layer '{n}': weight is not a plain parameter (weight_norm or another "
-                "parametrization?); torch.nn.utils.prune cannot mask it."
-            )
+        why = _unmaskable(modules[n])
+        if why:
+            raise ValueError(f"layer '{n}': {why}, or pass exclude=['{n}'] to leave it dense")
     weights = _canonical_weights(modules)  # read-only, viewed [out, in/groups, ...]
     _check_finite(weights)
     alive = {n: canonical(modules[n], _mask_of(modules[n])) for n in targets}
@@ -601,8 +600,45 @@ def _mask_of(module: nn.Module) -> Tensor:
 
 
 def is_masked(module: nn.Module) -> bool:
-    """Whether a prunable module's weight carries a mask (it was pruned, now or before)."""
-    return hasattr(module, f"{weight_name(module)}_mask")
+    """Whether a prunable module's weight carries a mask (it was pruned, now or before):
+    ``torch.nn.utils.prune``'s ``weight_mask``, or a :class:`~.masks.WeightMask`
+    parametrisation on a weight-normalised weight (where ``prune.is_pruned`` says False)."""
+    return masks_is_masked(module, weight_name(module))
+
+
+_OLD_HOOKS = {
+    "WeightNorm": ("weight_norm", "remove_weight_norm"),
+    "SpectralNorm": ("spectral_norm", "remove_spectral_norm"),
+}
+
+
+def _unmaskable(module: nn.Module) -> str | None:
+    """Why a layer's weight cannot be masked (with the fix), or None when it can."""
+    wn = weight_name(module)
+    for hook in module._forward_pre_hooks.values():
+        kind = _OLD_HOOKS.get(type(hook).__name__)
+        if kind is not None and getattr(hook, "name", wn) == wn:
+            return (
+                f"its weight is computed by the hook-based torch.nn.utils.{kind[0]}, which no "
+                f"mask can follow; switch to torch.nn.utils.parametrizations.{kind[0]} (after "
+                f"torch.nn.utils.{kind[1]}), which is pruned like any layer"
+            )
+    if hasattr(module, f"{wn}_orig") and hasattr(module, f"{wn}_mask"):
+        return None  # torch.nn.utils.prune's reparametrisation
+    if parametrize.is_parametrized(module, wn):
+        return None  # masked as one more parametrisation
+    if isinstance(module._parameters.get(wn), nn.Parameter):
+        return None
+    return (
+        f"its weight is a {type(getattr(module, wn, None)).__name__}, not a parameter or a "
+        f"parametrised one; register it with torch.nn.utils.parametrize"
+    )
+
+
+def _weight_params(module: nn.Module, wn: str) -> set[str]:
+    """The module's own parameters its weight is made of: the weight, torch prune's
+    ``weight_orig``, the hook-based weight norm's ``weight_g``/``weight_v``."""
+    return {wn, f"{wn}_orig", f"{wn}_g", f"{wn}_v"}
 
 
 def _own_layout(modules: Mapping[str, nn.Module], masks: Mapping[str, Tensor]) -> dict:
@@ -621,19 +657,20 @@ def dense_weights(
     out, seen = [], set()
     mods = list(model.named_modules())
     mods.sort(key=lambda nm: layer_type(nm[1]) is None)  # a tied weight under its layer's name
+    by_name = dict(mods)
     for mname, module in mods:
         for pname, p in module.named_parameters(recurse=False):
             if p.dim() < 2 or id(p) in seen:
                 continue
             seen.add(id(p))
             full = f"{mname}.{pname}" if mname else pname
-            wn = weight_name(module)
-            if mname in pruned and pname in (wn, f"{wn}_orig"):
+            layer = _layer_owning(mname, module, pname, by_name)
+            if layer is not None and layer in pruned:
                 continue
             tied = [o for o in owners[id(p)] if o != full]
-            if layer_type(module) is not None and pname in (wn, f"{wn}_orig"):
-                why = "excluded" if mname in excluded else "not asked for"
-                if hasattr(module, f"{wn}_mask"):
+            if layer is not None:
+                why = "excluded" if layer in excluded else "not asked for"
+                if is_masked(by_name[layer]):
                     continue  # pruned before, not now: it keeps its mask
             else:
                 why = f"not prunable ({type(module).__name__}.{pname})"
@@ -641,6 +678,23 @@ def dense_weights(
                 why += f", tied to {', '.join(tied)}"
             out.append((full, why))
     return tuple(out)
+
+
+def _layer_owning(
+    mname: str, module: nn.Module, pname: str, by_name: Mapping[str, nn.Module]
+) -> str | None:
+    """The prunable layer whose weight parameter ``pname`` of ``module`` makes, or None:
+    the layer's own weight (or ``weight_orig``, ``weight_g``/``weight_v``), or an original
+    of a parametrised weight (``<layer>.parametrizations.weight.original0``)."""
+    if layer_type(module) is not None:
+        return mname if pname in _weight_params(module, weight_name(module)) else None
+    parts = mname.split(".")
+    if isinstance(module, parametrize.ParametrizationList) and len(parts) >= 2:
+        owner = ".".join(parts[:-2])
+        layer = by_name.get(owner)
+        if layer is not None and layer_type(layer) is not None and parts[-1] == weight_name(layer):
+            return owner
+    return None
 
 
 def compute_scores(

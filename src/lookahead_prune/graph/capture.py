@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
+from torch.nn.utils import parametrize
 
 from .layers import layer_type, prunable_layers
 from .types import GraphError
@@ -481,13 +482,16 @@ def capture_export(model: nn.Module, example_inputs: ExampleInputs) -> Captured:
         if io is None or len(node.args) <= io[1]:
             continue
         w = _pruned_weight(node.args[io[1]], cap)
-        if not (isinstance(w, fx.Node) and w in cap.params):
-            continue
-        fqn, tensor = cap.params[w]
-        name = weight_of.get(id(tensor))
-        if name is None:
-            cap.dense_ops[node] = fqn
-            continue
+        if isinstance(w, fx.Node) and w in cap.params:
+            fqn, tensor = cap.params[w]
+            name = weight_of.get(id(tensor))
+            if name is None:
+                cap.dense_ops[node] = fqn
+                continue
+        else:
+            name = _parametrized_layer(node, layers)
+            if name is None:
+                continue
         if name in cap.layer_of.values():
             raise GraphError(
                 f"module '{name}' is called more than once in forward(); a layer "
@@ -496,6 +500,19 @@ def capture_export(model: nn.Module, example_inputs: ExampleInputs) -> Captured:
         cap.layer_of[node] = name
         cap.layer_input[node] = node.args[io[0]]
     return cap
+
+
+def _parametrized_layer(node: fx.Node, layers: Mapping[str, nn.Module]) -> str | None:
+    """The layer whose parametrised weight (weight norm, spectral norm, a mask) a linear or
+    conv op computes with: the op runs in that layer's forward and reads a computed weight."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    layer = layers.get(path)
+    if layer is None or not parametrize.is_parametrized(layer, layer_type(layer).weight):
+        return None
+    return path
 
 
 def _pruned_weight(w: Any, cap: Captured) -> Any:
