@@ -101,3 +101,31 @@ def test_hook_based_norms_are_refused_with_the_fix_and_excluded_cleanly(norm, fi
     report = lp.prune(model, "lap", 0.5, exclude=["2"])
     assert all(why == "excluded" for name, why in report.dense if name.startswith("2."))
     assert [r.kept for r in report.layers] == [12]
+
+
+class TCNBlock(nn.Module):
+    """A temporal block as TCNs write it: weight-normalised causal convs, a 1x1 downsample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = parametrizations.weight_norm(nn.Conv1d(3, 8, 3, padding=2))
+        self.c2 = parametrizations.weight_norm(nn.Conv1d(8, 8, 3, padding=2))
+        self.down = nn.Conv1d(3, 8, 1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        n = x.shape[-1]  # a Proxy under fx: the slices below need torch.export
+        h = torch.relu(self.c1(x)[..., :n])
+        h = torch.relu(self.c2(h)[..., :n])
+        return self.fc((h + self.down(x))[:, :, -1])
+
+
+def test_weight_normalised_tcn_prunes_in_strict_mode():
+    model = TCNBlock()
+    x = (torch.randn(2, 3, 16),)
+    graph = lp.graph.build_graph(model, example_inputs=x)
+    assert lp.neighbour_names(graph, "c2") == (["c1"], ["fc"])
+    report = lp.prune(model, "lap", 0.3, example_inputs=x)
+    assert all(r.kept == round(0.3 * r.total) for r in report.layers)
+    assert torch.isfinite(model(*x)).all()

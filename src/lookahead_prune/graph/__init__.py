@@ -138,7 +138,9 @@ def _follow(
             return analyse(cx, model, rules, True)
         except GraphError as exc:
             failures.append((how, str(exc)))
-            captured = captured or cx
+        except (TypeError, IndexError, KeyError, ValueError) as exc:  # an op no rule expects
+            failures.append((how, f"{type(exc).__name__} while following its graph: {exc}"))
+        captured = captured or cx
     if captured is not None and not strict:
         return analyse(captured, model, rules, False)
     raise GraphError(_failed(model, mode, example_inputs, failures, captured, rules))
