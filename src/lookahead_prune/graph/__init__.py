@@ -143,7 +143,7 @@ def _follow(
         captured = captured or cx
     if captured is not None and not strict:
         return analyse(captured, model, rules, False)
-    raise GraphError(_failed(model, mode, example_inputs, failures, captured, rules))
+    raise GraphError(_failed(model, mode, example_inputs, failures, captured, rules)) from None
 
 
 def _failed(
@@ -163,7 +163,8 @@ def _failed(
         part = _largest_part(model)
         if part:
             ways.append(f"prune a part that both can follow (e.g. lp.prune(model.{part}, ...))")
-        ways.append("make forward() free of Python control flow on tensor values")
+        if any(w in msg for _, msg in failures for w in ("control flow", "data-dependent")):
+            ways.append("make forward() free of Python control flow on tensor values")
     else:
         if any("cannot follow units through" in msg for _, msg in failures):
             ways.append(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sysconfig
 import traceback
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -196,12 +197,16 @@ def _quiet() -> Iterator[None]:
 
 def _where(exc: BaseException) -> str:
     """`` at file.py:12`` for the innermost frame of the model's own code in a traceback."""
-    torch_dir = os.path.dirname(torch.__file__)
-    ours = os.path.dirname(os.path.dirname(__file__))
+    skip = (
+        os.path.dirname(torch.__file__),
+        os.path.dirname(os.path.dirname(__file__)),
+        sysconfig.get_paths()["stdlib"],
+        "<",
+    )
     found = ""
     for frame, line in traceback.walk_tb(exc.__traceback__):
         path = frame.f_code.co_filename
-        if path.startswith((torch_dir, ours)) or path.startswith("<"):
+        if path.startswith(skip):
             continue
         found = f" at {os.path.basename(path)}:{line}"
     return found
