@@ -175,6 +175,8 @@ def _failed(
         ways.append("pass graph='fx' (torch.fx follows it)")
     if _chains(model, captured):
         ways.append("pass graph='sequential' to chain the layers in module order")
+    if not ways:
+        ways.append("prune with a method that reads no neighbours (mp, rp, lamp)")
     return f"cannot follow {type(model).__name__}: {said}. Ways out: {'; '.join(ways)}."
 
 
@@ -182,7 +184,7 @@ def _fx_follows(model: nn.Module, example_inputs: ExampleInputs, rules: RuleSet)
     """Whether torch.fx captures the model and its graph can be followed strictly."""
     try:
         analyse(_capture_with(model, "fx", example_inputs), model, rules, True)
-    except GraphError:
+    except (GraphError, TypeError, IndexError, KeyError, ValueError):
         return False
     return True
 
@@ -197,8 +199,10 @@ def _largest_part(model: nn.Module) -> str | None:
     """The child module holding the most prunable weights, to suggest pruning it alone."""
     best, most = None, 0
     for name, child in model.named_children():
-        n = sum(getattr(m, weight_name(m)).numel() for m in prunable_layers(child).values())
-        if n > most and not (layer_type(child) is not None):
+        if layer_type(child) is not None or not prunable_layers(child):
+            continue
+        n = sum(p.numel() for p in child.parameters())
+        if n > most:
             best, most = name, n
     return best
 
