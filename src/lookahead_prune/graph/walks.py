@@ -10,7 +10,9 @@ output like the paper's ``W_0``/``W_{L+1}`` of ones.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -170,6 +172,12 @@ class _Walker:
         if node in cx.layer_of:
             name = cx.layer_of[node]
             want = _norm_axis(self._unit_axis(name), node)
+            if not set(axes) & set(want):
+                # the units are on another axis of the layer's output (tokens through a Linear
+                # across tokens): each of them sees the whole layer, the same factor for all
+                # units, which is a factor of 1 for ranking: an open end, exactly
+                out.append(_Reach("open", sel, None, bns))
+                return
             if axes != want:
                 raise GraphError(
                     f"units reach module '{name}' on axes {list(axes)} of its output, not on its "
@@ -195,7 +203,13 @@ class _Walker:
             if arg in cx.dense_ops:
                 out.append(_Reach("open", sel, None, bns))  # a weight that is not pruned
                 continue
-            arg_axes, step = self._step_back(rule, node, arg, axes)
+            try:
+                arg_axes, step = self._step_back(rule, node, arg, axes)
+            except GraphError:
+                if self.reaches_layer(arg, False):
+                    raise
+                out.append(_Reach("open", sel, None, bns))  # the model input, seen any way: W_0
+                continue
             if step.kind != "units":
                 continue
             nb = (*bns, (step.scale, sel)) if step.scale is not None else bns
@@ -223,6 +237,13 @@ class _Walker:
                 continue
             if step.kind != "units" or step.axes == axes:
                 return cand, step
+        for cand in tried:  # the units here on a part of the axes the op gives: copies
+            try:
+                step = rule.forward(node, arg, cand, self.cx)
+            except (GraphError, IndexError, TypeError, KeyError):
+                continue
+            if step.kind == "units" and set(axes) < set(step.axes):
+                return cand, _one_copy(step, axes, node)
         raise GraphError(
             f"cannot tell which axes of {self.cx.describe(arg)} become the unit axes "
             f"{list(axes)} of {self.cx.describe(node)}."
@@ -269,14 +290,16 @@ class _Walker:
             if passed_fork and self.is_residual(rule, user, step.axes):
                 out.append(_Reach("open", src, None, bns))  # the skip of a residual block
                 continue
+            new_axes = step.axes
             if step.map is not None:
                 m = step.map
                 nsrc = torch.where(m >= 0, src[m.clamp(min=0)], torch.full_like(m, -1))
+                new_axes, nsrc = _drop_copies(user, new_axes, nsrc)
             else:
                 nsrc = src
             nb = (*bns, (step.scale, nsrc)) if step.scale is not None else bns
-            here = moved if step.axes == axes else f" (moved by {cx.describe(user)})"
-            self.forward(user, step.axes, nsrc, passed_fork, out, nb, here)
+            here = moved if new_axes == axes else f" (moved by {cx.describe(user)})"
+            self.forward(user, new_axes, nsrc, passed_fork, out, nb, here)
 
     def _arrive(
         self,
@@ -292,6 +315,9 @@ class _Walker:
         if self.cx.layer_input.get(user) is not node:
             raise GraphError(f"module '{name}' reads {self.cx.describe(node)} as its weight.")
         want = _norm_axis(self._unit_axis(name), node)
+        if not set(axes) & set(want):
+            out.append(_Reach("open", src, None, bns))  # a layer across another axis: 1
+            return
         if axes != want:
             raise GraphError(
                 f"units arrive at module '{name}' on axes {list(axes)}, not on its unit axis "
@@ -303,6 +329,36 @@ class _Walker:
                 f"module '{name}' reads {src.numel()} units where it has {n_in} inputs."
             )
         out.append(_Reach("layer", src, name, bns))
+
+
+def _drop_copies(node: fx.Node, axes: tuple[int, ...], src: Tensor) -> tuple:
+    """Unit axes along which every position holds the same unit are copies (a batch folded
+    into heads): they stop being unit axes, and ``src`` keeps one copy."""
+    sizes = tuple(shape(node)[a] for a in axes)
+    if len(axes) < 2 or src.numel() != math.prod(sizes):
+        return axes, src
+    grid = src.view(sizes)
+    copies = [
+        i
+        for i, n in enumerate(sizes)
+        if n > 1 and torch.equal(grid, grid.narrow(i, 0, 1).expand_as(grid))
+    ]
+    if not copies or len(copies) == len(axes):
+        return axes, src
+    for i in reversed(copies):
+        grid = grid.select(i, 0)
+    return tuple(a for i, a in enumerate(axes) if i not in copies), grid.flatten()
+
+
+def _one_copy(step, axes: tuple[int, ...], node: fx.Node):
+    """A step onto more axes than the units here hold, restricted to them: the others hold
+    copies of the same units, and one copy stands for all."""
+    sizes = tuple(shape(node)[a] for a in step.axes)
+    grid = (step.map if step.map is not None else torch.arange(math.prod(sizes))).view(sizes)
+    for i in reversed(range(len(step.axes))):
+        if step.axes[i] not in axes:
+            grid = grid.select(i, 0)
+    return dataclasses.replace(step, axes=axes, map=grid.flatten())
 
 
 def branch_points(cx: Captured, model: nn.Module) -> list[str]:
