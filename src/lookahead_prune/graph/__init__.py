@@ -14,12 +14,14 @@ layers write the units it reads (producers) and which layers read the units it w
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import weakref
 from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from .capture import (
     BATCHNORM_TYPES,
@@ -39,7 +41,7 @@ from .layers import (
     prunable_layers,
     weight_name,
 )
-from .rules import DEFAULT_RULES, RuleSet, register_passthrough
+from .rules import DEFAULT_RULES, RuleSet, Unsupported, register_passthrough, rule_for
 from .types import GraphError, Layer, LayerGraph, Link, UnitScale
 from .walks import analyse, branch_points, new_layer
 
@@ -254,6 +256,9 @@ def build_graph(
         graph = _sequential_graph(model, skipped, example_inputs)
     else:
         captured = _capture(model, mode, example_inputs)
+        if captured.how == "fx" and _opaque_functions(captured, rules):
+            with contextlib.suppress(GraphError):  # export sees into them; else fx says why
+                captured = capture_export(model, example_inputs)
         try:
             graph = analyse(captured, model, rules, strict)
         except GraphError as err:
@@ -266,6 +271,21 @@ def build_graph(
         graph.mode = mode
     _CACHE[model] = (sig, graph)
     return graph
+
+
+def _opaque_functions(cx: Captured, rules: RuleSet) -> list[fx.Node]:
+    """Calls of Python functions that torch.fx keeps whole (``torch.fx.wrap``, as torchvision
+    does for ``stochastic_depth``) and no rule covers: torch.export traces into them."""
+    found = []
+    for node in cx.graph.nodes:
+        if node.op != "call_function" or not inspect.isfunction(node.target):
+            continue
+        home = getattr(node.target, "__module__", "") or ""
+        if home.split(".")[0] in ("torch", "_operator", "operator", "math", "builtins"):
+            continue
+        if isinstance(rule_for(node, cx, rules), Unsupported) and node not in cx.layer_of:
+            found.append(node)
+    return found
 
 
 def neighbour_names(graph: LayerGraph, name: str) -> tuple[list[str], list[str]]:

@@ -606,7 +606,13 @@ def _index_step(node: fx.Node, arg: fx.Node, axes: tuple[int, ...], idx: Any, cx
             kinds.append(("adv" if advanced else "int", d_in))
             d_in += 1
         elif isinstance(item, slice):
-            picked = range(*item.indices(shape(arg)[d_in]))
+            bounds = (item.start, item.stop, item.step)
+            if d_in not in axes:
+                picked = range(shape(arg)[d_in])  # tokens, time: any slice keeps units
+            elif any(isinstance(b, fx.Node) for b in bounds):
+                raise GraphError(f"{cx.describe(node)} slices units by a traced size.")
+            else:
+                picked = range(*item.indices(shape(arg)[d_in]))
             if d_in in axes and len(picked) != shape(arg)[d_in]:
                 idx_t = torch.tensor(list(picked), dtype=torch.long)
                 unit_map = _pick_map(_sizes(arg, axes), axes.index(d_in), idx_t)
