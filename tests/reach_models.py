@@ -17,6 +17,9 @@ def stochastic_depth(x: torch.Tensor, p: float, mode: str, training: bool = True
 
 
 torch.fx.wrap("stochastic_depth")  # torchvision wraps it so that fx keeps it as one call
+# torchvision is not installed here: this copy of its code stands in for it under its name,
+# so the rule registered for torchvision's function by name is the one that applies
+stochastic_depth.__module__ = "torchvision.ops.stochastic_depth"
 
 
 class StochasticDepth(nn.Module):
@@ -181,12 +184,12 @@ class Unfold(nn.Module):
 
 
 class MHA(nn.Module):
-    """nn.MultiheadAttention between two Linears (batch_first)."""
+    """nn.MultiheadAttention between two Linears; with batch > 1 it folds batch into heads."""
 
-    def __init__(self, d: int = 8, heads: int = 2) -> None:
+    def __init__(self, d: int = 8, heads: int = 2, batch_first: bool = True) -> None:
         super().__init__()
         self.inp = nn.Linear(3, d)
-        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=batch_first)
         self.head = nn.Linear(d, 2)
 
     def forward(self, x):
@@ -205,3 +208,44 @@ class InputUnsqueeze(nn.Module):
 
     def forward(self, x):  # x: [B, L]
         return self.c2(F.gelu(self.c1(x[:, None])))
+
+
+def per_sample_scale(x: torch.Tensor, training: bool) -> torch.Tensor:
+    """Drop path under another name: a Python function torch.fx keeps whole, with no rule."""
+    if not training:
+        return x
+    keep = torch.empty([x.shape[0]] + [1] * (x.ndim - 1), dtype=x.dtype).bernoulli_(0.9)
+    return x * keep / 0.9
+
+
+torch.fx.wrap("per_sample_scale")
+
+
+class PerSampleScaled(DropPath):
+    """DropPath with an fx-wrapped function that no rule covers: export sees into it."""
+
+    def forward(self, x):
+        h = self.c0(x)
+        return self.head(h + per_sample_scale(self.c2(F.relu(self.c1(h))), self.training))
+
+
+class RollUnits(nn.Module):
+    """roll along the unit axis: a permutation of units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(torch.roll(self.a(x), 1, -1))
+
+
+class AcrossBatch(nn.Module):
+    """A Linear applied across the batch axis (``a(x).t()``): units reach it on another axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.b(self.a(x).t())

@@ -257,7 +257,7 @@ def build_graph(
     else:
         captured = _capture(model, mode, example_inputs)
         if captured.how == "fx" and _opaque_functions(captured, rules):
-            with contextlib.suppress(GraphError):  # export sees into them; else fx says why
+            with contextlib.suppress(GraphError):  # export sees into them; else fx's graph stays
                 captured = capture_export(model, example_inputs)
         try:
             graph = analyse(captured, model, rules, strict)

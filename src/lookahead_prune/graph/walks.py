@@ -222,28 +222,24 @@ class _Walker:
             self.back(arg, arg_axes, sel_arg, passed_add or residual, out, nb, here)
 
     def _step_back(self, rule, node: fx.Node, arg: fx.Node, axes: tuple[int, ...]):
-        """The axes of ``arg`` whose units become ``axes`` at ``node``, and the step between."""
-        tried = []
+        """The axes of ``arg`` whose units become ``axes`` at ``node``, and the step between.
+
+        The axes found forward (and the rule's own guess) come first; where they give more
+        axes than the units here hold, the others hold copies of the units (a batch folded
+        into heads) and one copy stands for all. Then any other axes, in order."""
         n = len(shape(arg)) if isinstance(shape(arg), tuple) else len(shape(arg)[0])
-        guesses = itertools.combinations(range(n), len(axes))  # any other axes, in order
-        first = (self.axes_of.get(arg), rule.back_axes(node, arg, axes, self.cx))
-        for cand in itertools.chain(first, guesses):
-            if cand is None or cand in tried:
-                continue
-            tried.append(cand)
-            try:
-                step = rule.forward(node, arg, cand, self.cx)
-            except (GraphError, IndexError, TypeError, KeyError):
-                continue
-            if step.kind != "units" or step.axes == axes:
-                return cand, step
-        for cand in tried:  # the units here on a part of the axes the op gives: copies
-            try:
-                step = rule.forward(node, arg, cand, self.cx)
-            except (GraphError, IndexError, TypeError, KeyError):
-                continue
-            if step.kind == "units" and set(axes) < set(step.axes):
-                return cand, _one_copy(step, axes, node)
+        first = [self.axes_of.get(arg), rule.back_axes(node, arg, axes, self.cx)]
+        guesses = list(itertools.combinations(range(n), len(axes)))  # any other axes, in order
+        for cands, copies in ((first, True), (guesses, False), (guesses, True)):
+            for cand in dict.fromkeys(c for c in cands if c is not None):
+                try:
+                    step = rule.forward(node, arg, cand, self.cx)
+                except (GraphError, IndexError, TypeError, KeyError):
+                    continue
+                if step.kind != "units" or step.axes == axes:
+                    return cand, step
+                if copies and set(axes) < set(step.axes):
+                    return cand, _one_copy(step, axes, node)
         raise GraphError(
             f"cannot tell which axes of {self.cx.describe(arg)} become the unit axes "
             f"{list(axes)} of {self.cx.describe(node)}."
