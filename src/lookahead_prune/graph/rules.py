@@ -366,7 +366,7 @@ def _reshape_map(
     touched = [g for g in groups if set(g[0]) & set(axes)]
     dims_in = [d for g in touched for d in g[0]]
     dims_out = [d for g in touched for d in g[1]]
-    if not dims_out or math.prod(si[d] for d in dims_in) > 1 << 24:
+    if not dims_out or math.prod(si[d] for d in dims_in) > 1 << 22:
         return None
     ids = _grid(tuple(si[d] for d in axes))
     ids = ids.reshape([si[d] if d in axes else 1 for d in dims_in])
@@ -626,17 +626,19 @@ def _index_step(node: fx.Node, arg: fx.Node, axes: tuple[int, ...], idx: Any, cx
         else:
             raise GraphError(f"{cx.describe(node)} indexes with {type(item).__name__}.")
     kinds += [("keep", d) for d in range(d_in, n)]
-    return Step("units", _indexed_axes(kinds, axes, _ndim(node)), unit_map)
+    n_adv = max((len(shape(i)) for i in items if is_tensor(i)), default=0)
+    return Step("units", _indexed_axes(kinds, axes, _ndim(node), n_adv), unit_map)
 
 
-def _indexed_axes(kinds: list[tuple[str, int | None]], axes: tuple[int, ...], n_out: int):
-    """Where kept input axes land after indexing: basic items in order; the dims of the
-    broadcast index tensors replace the first of them when they are adjacent, else lead."""
+def _indexed_axes(
+    kinds: list[tuple[str, int | None]], axes: tuple[int, ...], n_out: int, n_adv: int
+) -> tuple[int, ...]:
+    """Where kept input axes land after indexing: basic items in order; the ``n_adv`` dims of
+    the broadcast index tensors replace the first of them when they are adjacent, else lead."""
     adv = [i for i, (k, _) in enumerate(kinds) if k == "adv"]
     basic = sum(1 for k, _ in kinds if k in ("keep", "new"))
-    n_adv = n_out - basic if adv else 0
-    if n_adv < 0:
-        raise GraphError("the index tensors' shape cannot be told")
+    if basic + (n_adv if adv else 0) != n_out:  # a boolean mask spans several dims
+        raise GraphError("indexing by a mask or by tensors of another shape than told")
     at_front = bool(adv) and adv != list(range(adv[0], adv[-1] + 1))
     mapping: dict[int, int] = {}
     out = n_adv if at_front else 0
@@ -1013,6 +1015,8 @@ def register_passthrough(target: type[nn.Module] | Callable[..., Any] | str) -> 
     """
     if isinstance(target, type) and issubclass(target, nn.Module):
         current = DEFAULT_RULES.modules.get(target)
+    elif isinstance(target, str) and "." in target:
+        current = DEFAULT_RULES.named.get(target)
     elif isinstance(target, str):
         current = DEFAULT_RULES.methods.get(target)
     else:
