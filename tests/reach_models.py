@@ -113,19 +113,19 @@ class RollPad(nn.Module):
 class FusedQKV(nn.Module):
     """timm's attention: ``qkv(x).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)``."""
 
-    def __init__(self, d: int = 8, heads: int = 2) -> None:
+    def __init__(self, d: int = 8, heads: int = 2, index: bool = False) -> None:
         super().__init__()
         self.inp = nn.Linear(5, d)
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
         self.head = nn.Linear(d, 3)
-        self.heads = heads
+        self.heads, self.index = heads, index
 
     def forward(self, x):
         h = self.inp(x)
         b, n, c = h.shape
         qkv = self.qkv(h).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        q, k, v = (qkv[0], qkv[1], qkv[2]) if self.index else qkv.unbind(0)  # Swin: qkv[i]
         a = F.scaled_dot_product_attention(q, k, v)
         return self.head(self.proj(a.transpose(1, 2).reshape(b, n, c)))
 

@@ -121,10 +121,11 @@ def test_roll_along_units_permutes_them(graph):
     assert torch.allclose(s["a"], hand(m.a.weight, 1, cols(m.b.weight).roll(-1)))
 
 
+@pytest.mark.parametrize("index", [False, True], ids=["unbind", "index"])
 @pytest.mark.parametrize("graph", ["fx", "export"])
-def test_fused_qkv_split_into_sub_axes_and_unbound(graph):
+def test_fused_qkv_split_into_sub_axes_and_unbound(graph, index):
     torch.manual_seed(0)
-    m = R.FusedQKV().double()
+    m = R.FusedQKV(index=index).double()
     s = check(m, (torch.randn(2, 4, 5),), graph)
     f_out = torch.cat([torch.ones(16, dtype=torch.float64), cols(m.proj.weight)])
     assert torch.allclose(s["qkv"], hand(m.qkv.weight, rows(m.inp.weight), f_out))

@@ -595,14 +595,16 @@ def _index_step(node: fx.Node, arg: fx.Node, axes: tuple[int, ...], idx: Any, cx
         items = items[:k] + [slice(None)] * fill + items[k + 1 :]
     advanced = any(is_tensor(i) for i in items)
     kinds: list[tuple[str, int | None]] = []  # per item: (kind, input dim)
-    unit_map = None
+    grid, changed, picks = _grid(_sizes(arg, axes)), False, []
     d_in = 0
     for item in items:
         if item is None:
             kinds.append(("new", None))
         elif isinstance(item, int) and not isinstance(item, bool):
-            if d_in in axes:
+            if d_in in axes and (advanced or len(axes) == 1):
                 raise GraphError(f"{cx.describe(node)} indexes a single unit of axis {d_in}.")
+            if d_in in axes:  # one slice of a unit axis split in sub-axes (qkv[0])
+                picks.append((axes.index(d_in), item % shape(arg)[d_in]))
             kinds.append(("adv" if advanced else "int", d_in))
             d_in += 1
         elif isinstance(item, slice):
@@ -615,7 +617,7 @@ def _index_step(node: fx.Node, arg: fx.Node, axes: tuple[int, ...], idx: Any, cx
                 picked = range(*item.indices(shape(arg)[d_in]))
             if d_in in axes and len(picked) != shape(arg)[d_in]:
                 idx_t = torch.tensor(list(picked), dtype=torch.long)
-                unit_map = _pick_map(_sizes(arg, axes), axes.index(d_in), idx_t)
+                grid, changed = grid.index_select(axes.index(d_in), idx_t), True
             kinds.append(("keep", d_in))
             d_in += 1
         elif is_tensor(item):
@@ -627,7 +629,14 @@ def _index_step(node: fx.Node, arg: fx.Node, axes: tuple[int, ...], idx: Any, cx
             raise GraphError(f"{cx.describe(node)} indexes with {type(item).__name__}.")
     kinds += [("keep", d) for d in range(d_in, n)]
     n_adv = max((len(shape(i)) for i in items if is_tensor(i)), default=0)
-    return Step("units", _indexed_axes(kinds, axes, _ndim(node), n_adv), unit_map)
+    for pos, at in sorted(picks, reverse=True):
+        grid, changed = grid.select(pos, at), True
+    if len(picks) == len(axes):
+        raise GraphError(f"{cx.describe(node)} indexes single units.")
+    picked_axes = {axes[pos] for pos, _ in picks}
+    kept = tuple(a for a in axes if a not in picked_axes)
+    out = _indexed_axes(kinds, kept, _ndim(node), n_adv)
+    return Step("units", out, grid.flatten() if changed else None)
 
 
 def _indexed_axes(
