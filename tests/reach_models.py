@@ -133,16 +133,18 @@ class FusedQKV(nn.Module):
 class ChannelShuffle(nn.Module):
     """ShuffleNet: ``view(b, g, c // g, h, w).transpose(1, 2).reshape(b, c, h, w)``."""
 
-    def __init__(self) -> None:
+    def __init__(self, einsum: bool = False) -> None:
         super().__init__()
         self.c1 = nn.Conv2d(3, 6, 3, padding=1)
         self.c2 = nn.Conv2d(6, 4, 1)
+        self.einsum = einsum
 
     def forward(self, x):
         h = F.relu(self.c1(x))
         b, c, hh, ww = h.shape
-        h = h.view(b, 2, c // 2, hh, ww).transpose(1, 2).reshape(b, c, hh, ww)
-        return self.c2(h)
+        h = h.view(b, 2, c // 2, hh, ww)
+        h = torch.einsum("bgihw->bighw", h) if self.einsum else h.transpose(1, 2)
+        return self.c2(h.reshape(b, c, hh, ww))
 
 
 class TokenMixer(nn.Module):

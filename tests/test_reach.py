@@ -133,10 +133,11 @@ def test_fused_qkv_split_into_sub_axes_and_unbound(graph, index):
     assert torch.allclose(s["proj"], hand(m.proj.weight, f_in, cols(m.head.weight)))
 
 
+@pytest.mark.parametrize("einsum", [False, True], ids=["transpose", "einsum"])
 @pytest.mark.parametrize("graph", ["fx", "export"])
-def test_channel_shuffle_permutes_units(graph):
+def test_channel_shuffle_permutes_units(graph, einsum):
     torch.manual_seed(0)
-    m = R.ChannelShuffle().double()
+    m = R.ChannelShuffle(einsum).double()
     s = check(m, (torch.randn(2, 3, 4, 4),), graph)
     perm = torch.tensor([g * 3 + i for i in range(3) for g in range(2)])  # [0, 3, 1, 4, 2, 5]
     assert torch.allclose(s["c2"], hand(m.c2.weight, rows(m.c1.weight)[perm], 1))

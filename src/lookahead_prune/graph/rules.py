@@ -768,9 +768,11 @@ class Einsum(Rule):
         if any(u not in out for u in unit):
             return SINK
         new = [out.index(u) for u in unit]
-        if new != sorted(new):
-            raise GraphError(f"{cx.describe(node)} reorders the unit axes among themselves.")
-        return Step("units", tuple(new))
+        if new == sorted(new):
+            return Step("units", tuple(new))
+        order = sorted(range(len(new)), key=new.__getitem__)  # renumbered, as by permute
+        grid = _grid(_sizes(arg, axes)).permute(order)
+        return Step("units", tuple(sorted(new)), grid.flatten())
 
     def carriers(self, node: fx.Node, axes: tuple[int, ...], cx: Captured) -> list[fx.Node]:
         ins, out, operands = self._spec(node, cx)
