@@ -256,11 +256,8 @@ def build_graph(
         graph = _sequential_graph(model, skipped, example_inputs)
     else:
         captured = _capture(model, mode, example_inputs)
-        if captured.how == "fx" and _opaque_functions(captured, rules):
-            with contextlib.suppress(GraphError):  # export sees into them; else fx's graph stays
-                captured = capture_export(model, example_inputs)
         try:
-            graph = analyse(captured, model, rules, strict)
+            graph = _analyse(captured, model, example_inputs, rules, strict)
         except GraphError as err:
             if example_inputs is not None:
                 raise
@@ -270,6 +267,29 @@ def build_graph(
             ) from None
         graph.mode = mode
     _CACHE[model] = (sig, graph)
+    return graph
+
+
+def _analyse(
+    cx: Captured, model: nn.Module, example_inputs: ExampleInputs, rules: RuleSet, strict: bool
+) -> LayerGraph:
+    """The fx graph's layers and links; where they cannot be followed (or only approximately)
+    and fx kept functions whole that no rule covers, torch.export's, which sees into them."""
+    opaque = cx.how == "fx" and bool(_opaque_functions(cx, rules))
+    graph, fx_error = None, None
+    try:
+        graph = analyse(cx, model, rules, strict)
+    except GraphError as exc:
+        if not opaque:
+            raise
+        fx_error = exc
+    if opaque and (graph is None or graph.approximated):
+        with contextlib.suppress(GraphError):
+            other = analyse(capture_export(model, example_inputs), model, rules, strict)
+            if not other.approximated:
+                return other
+    if graph is None:
+        raise fx_error
     return graph
 
 
