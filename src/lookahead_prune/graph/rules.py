@@ -9,8 +9,11 @@ W_{L+1}), ``sink`` (the units end in a product of two activations, as queries an
 attention: factor 1), or ``drop`` (the input is a per-token statistic or scale, not a unit
 carrier). Walking back uses the same answers, so each rule states its unit map once.
 
-Rules are registered per target (module type, function, method name, aten op) in
-:data:`DEFAULT_RULES`; :func:`register_passthrough` adds unit-preserving ops.
+Rules are registered per target (module type, function, method name, aten op, or the dotted
+name of a function or module type in a package that need not be installed) in
+:data:`DEFAULT_RULES`; :func:`register_passthrough` adds unit-preserving ops. Where units
+split into sub-axes, change order among their axes or fold with other dims, the rule states an
+index map; nothing about units is approximated.
 """
 
 from __future__ import annotations
