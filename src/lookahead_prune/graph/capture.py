@@ -410,6 +410,7 @@ def capture_fx(model: nn.Module, example_inputs: ExampleInputs) -> tuple[Capture
     propagate_shapes(gm, model, example_inputs)
     modules = dict(gm.named_modules())
     cap = Captured(gm.graph, "fx", modules)
+    own = dict(model.named_modules())  # gm holds bare stand-ins for modules read by get_attr
     called: set[str] = set()
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -430,6 +431,8 @@ def capture_fx(model: nn.Module, example_inputs: ExampleInputs) -> tuple[Capture
                 continue
             with contextlib.suppress(AttributeError):
                 cap.params[node] = (node.target, gm.get_buffer(node.target))
+        elif node.op == "call_function" and node.target in _FUNCTIONAL_LAYERS:
+            _functional_layer(cap, node, own)
     hidden = [
         n
         for n in prunable_layers(model)
@@ -441,6 +444,36 @@ def capture_fx(model: nn.Module, example_inputs: ExampleInputs) -> tuple[Capture
         )
     ]
     return cap, hidden
+
+
+_FUNCTIONAL_LAYERS: dict[Any, tuple[int, int]] = {
+    f: (0, 1)
+    for f in (
+        nn.functional.linear, nn.functional.conv1d, nn.functional.conv2d, nn.functional.conv3d,
+        nn.functional.conv_transpose1d, nn.functional.conv_transpose2d,
+        nn.functional.conv_transpose3d, torch.conv1d, torch.conv2d, torch.conv3d,
+    )
+}  # fmt: skip
+
+
+def _functional_layer(cap: Captured, node: fx.Node, modules: Mapping[str, nn.Module]) -> None:
+    """``F.conv1d(x, self.conv.weight, ...)`` (Mamba's depthwise conv) applies ``conv``: the
+    functional call reading a prunable module's own weight is that layer, as under export."""
+    i, w = _FUNCTIONAL_LAYERS[node.target]
+    weight = node.args[w] if len(node.args) > w else node.kwargs.get("weight")
+    if not (isinstance(weight, fx.Node) and weight in cap.params and "." in cap.params[weight][0]):
+        return
+    owner, attr = cap.params[weight][0].rsplit(".", 1)
+    t = layer_type(modules[owner]) if owner in modules else None
+    if t is None or attr != t.weight:
+        return
+    if owner in cap.layer_of.values():
+        raise GraphError(
+            f"module '{owner}' is called more than once in forward(); a layer shared between "
+            "places has no single set of neighbours."
+        )
+    cap.layer_of[node] = owner
+    cap.layer_input[node] = node.args[i] if node.args else node.kwargs["input"]
 
 
 # --------------------------------------------------------------------------- export

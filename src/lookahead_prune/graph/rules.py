@@ -9,8 +9,11 @@ W_{L+1}), ``sink`` (the units end in a product of two activations, as queries an
 attention: factor 1), or ``drop`` (the input is a per-token statistic or scale, not a unit
 carrier). Walking back uses the same answers, so each rule states its unit map once.
 
-Rules are registered per target (module type, function, method name, aten op) in
-:data:`DEFAULT_RULES`; :func:`register_passthrough` adds unit-preserving ops.
+Rules are registered per target (module type, function, method name, aten op, or the dotted
+name of a function or module type in a package that need not be installed) in
+:data:`DEFAULT_RULES`; :func:`register_passthrough` adds unit-preserving ops. Where units
+split into sub-axes, change order among their axes or fold with other dims, the rule states an
+index map; nothing about units is approximated.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from .capture import BATCHNORM_TYPES, NORM_TYPES, Captured, shape, tensor_args
+from .capture import BATCHNORM_TYPES, NORM_TYPES, Captured, is_tensor, shape, tensor_args
 from .types import GraphError, UnitScale
 
 aten = torch.ops.aten
@@ -328,6 +331,9 @@ class Reshape(Rule):
                 inner = math.prod(si[d] for d in core_in if d > core_ax[-1])
                 n = math.prod(si[d] for d in core_ax)
                 return Step("units", (out_dims[0],), torch.arange(so[out_dims[0]]) // inner % n)
+        step = _reshape_map(tuple(si), tuple(so), ax, groups)
+        if step is not None:
+            return step
         raise GraphError(
             f"{cx.describe(node)} reshapes {list(si)} to {list(so)}, mixing units (axes "
             f"{ax}) with other dims; only flattening [N, C, ...] to [N, C*...], head "
@@ -348,6 +354,36 @@ class Reshape(Rule):
         if sorted(axes) == dims_out:
             return tuple(dims_in) or None
         return (dims_in[0],) if dims_in else None
+
+
+def _reshape_map(
+    si: tuple[int, ...], so: tuple[int, ...], axes: list[int], groups: list | None
+) -> Step | None:
+    """Any reshape as an index map: lay the unit ids over the dims the units share a group
+    with, reshape them as the op does, and keep the output dims the ids vary along. Units
+    split into sub-axes (a fused qkv's (3, H, D)) or folded with batch or tokens into one
+    axis (nn.MultiheadAttention's batch*heads, MobileViT's unfold) stay exact; positions
+    holding the same unit are copies, which walks drop where no unit varies along them."""
+    if groups is None:
+        return None
+    touched = [g for g in groups if set(g[0]) & set(axes)]
+    dims_in = [d for g in touched for d in g[0]]
+    dims_out = [d for g in touched for d in g[1]]
+    if not dims_out or math.prod(si[d] for d in dims_in) > 1 << 22:
+        return None
+    ids = _grid(tuple(si[d] for d in axes))
+    ids = ids.reshape([si[d] if d in axes else 1 for d in dims_in])
+    ids = ids.expand([si[d] for d in dims_in]).reshape([so[d] for d in dims_out])
+    keep = [i for i in range(ids.dim()) if not torch.equal(ids, ids.narrow(i, 0, 1).expand_as(ids))]
+    if not keep:
+        return None
+    sub = ids
+    for i in reversed(range(ids.dim())):
+        if i not in keep:
+            sub = sub.select(i, 0)
+    flat = sub.flatten()
+    same = torch.equal(flat, torch.arange(flat.numel()))
+    return Step("units", tuple(dims_out[i] for i in keep), None if same else flat)
 
 
 class Reduce(Rule):
@@ -389,8 +425,15 @@ class Reduce(Rule):
         return tuple(kept[a] for a in axes)
 
 
+_TRANSPOSES: tuple[Any, ...] = (
+    "transpose", "transpose_", "swapaxes", "swapdims", aten.transpose.int, torch.transpose,
+    torch.swapaxes, torch.swapdims, aten.swapaxes.default, aten.swapdims.default,
+)  # fmt: skip
+
+
 class Permute(Rule):
-    """transpose/permute: units move with their axes; their order among themselves must stay."""
+    """transpose/permute/swapaxes: units move with their axes; where unit axes swap among
+    themselves (a channel shuffle) the units are renumbered by an index map."""
 
     name = "permute"
 
@@ -399,8 +442,9 @@ class Permute(Rule):
         target = node.target
         if target in ("t", aten.t.default, torch.t):
             return [1, 0] if n == 2 else list(range(n))
-        if target in ("transpose", "transpose_", "swapaxes", aten.transpose.int, torch.transpose):
-            d0, d1 = _dim(node, 1, "dim0") % n, _dim(node, 2, "dim1") % n
+        if target in _TRANSPOSES:
+            d0 = _dim(node, 1, "dim0", node.kwargs.get("axis0")) % n
+            d1 = _dim(node, 2, "dim1", node.kwargs.get("axis1")) % n
             perm = list(range(n))
             perm[d0], perm[d1] = perm[d1], perm[d0]
             return perm
@@ -412,17 +456,68 @@ class Permute(Rule):
     def forward(self, node: fx.Node, arg: fx.Node, axes: tuple[int, ...], cx: Captured) -> Step:
         perm = self._perm(node, arg)
         new = [perm.index(a) for a in axes]
-        if new != sorted(new):
-            raise GraphError(
-                f"{cx.describe(node)} reorders the unit axes {list(axes)} among themselves."
-            )
-        return Step("units", tuple(new))
+        if new == sorted(new):
+            return Step("units", tuple(new))
+        # the unit axes change order among themselves (channel shuffle): the same units, laid
+        # out anew: unit v (row-major over the new order) is the input unit at the same place
+        order = sorted(range(len(new)), key=new.__getitem__)
+        grid = _grid(_sizes(arg, axes)).permute(order)
+        return Step("units", tuple(sorted(new)), grid.flatten())
 
     def back_axes(
         self, node: fx.Node, arg: fx.Node, axes: tuple[int, ...], cx: Captured
     ) -> tuple[int, ...] | None:
         perm = self._perm(node, arg)
         return tuple(sorted(perm[a] for a in axes))
+
+
+class Roll(Rule):
+    """roll: units stay; rolled along a unit axis, unit ``v`` is the input unit ``v - shift``."""
+
+    name = "roll"
+
+    def forward(self, node: fx.Node, arg: fx.Node, axes: tuple[int, ...], cx: Captured) -> Step:
+        shifts, dims = _dim(node, 1, "shifts"), _dim(node, 2, "dims", None)
+        shifts = [shifts] if isinstance(shifts, int) else list(shifts)
+        if dims is None or dims == []:
+            raise GraphError(f"{cx.describe(node)} rolls the flattened tensor.")
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        grid = _grid(_sizes(arg, axes))
+        moved = False
+        for sh, d in zip(shifts, dims, strict=True):
+            d %= _ndim(arg)
+            if d in axes:
+                grid, moved = grid.roll(sh, axes.index(d)), True
+        return Step("units", axes, grid.flatten() if moved else None)
+
+
+class Pad(Rule):
+    """Constant padding: on other axes units stay; padded along a unit axis, the new places
+    hold no unit (-1) and the others their input unit."""
+
+    name = "pad"
+
+    def forward(self, node: fx.Node, arg: fx.Node, axes: tuple[int, ...], cx: Captured) -> Step:
+        pad = list(_dim(node, 1, "pad"))
+        n = _ndim(arg)
+        padded = {n - 1 - i // 2 for i, p in enumerate(pad) if p}
+        if not padded & set(axes):
+            return Step("units", axes)
+        mode = _dim(node, 2, "mode", "constant")
+        if mode != "constant" and node.target is not aten.constant_pad_nd.default:
+            raise GraphError(f"{cx.describe(node)} pads the unit axis in mode {mode!r}.")
+        g = _grid(_sizes(arg, axes))
+        for i in range(0, len(pad), 2):
+            d = n - 1 - i // 2
+            if d in axes:
+                lo, hi = pad[i], pad[i + 1]
+                k = axes.index(d)
+                g = g.narrow(k, max(-lo, 0), g.shape[k] - max(-lo, 0) - max(-hi, 0))
+                parts = [
+                    torch.full((*g.shape[:k], max(x, 0), *g.shape[k + 1 :]), -1) for x in (lo, hi)
+                ]
+                g = torch.cat([parts[0], g, parts[1]], k)
+        return Step("units", axes, g.flatten())
 
 
 class Split(Rule):
@@ -446,9 +541,15 @@ class GetItem(Rule):
             parts = shape(src)
             dim = _split_dim(src)
             if _is_unbind(src):
-                if dim in axes:
+                dim %= len(parts[0]) + 1
+                rest = tuple(a - (dim < a) for a in axes if a != dim)
+                if dim not in axes:
+                    return Step("units", rest)
+                if not rest:
                     raise GraphError(f"{cx.describe(src)} unbinds along a unit axis.")
-                return Step("units", tuple(a - (dim < a) for a in axes))
+                # one slice of a unit axis split in sub-axes (q, k or v of a fused qkv)
+                grid = _grid(_sizes(src.args[0], axes)).select(axes.index(dim), idx)
+                return Step("units", rest, grid.flatten())
             dim %= len(parts[0])
             if dim not in axes:
                 return Step("units", axes)
@@ -484,37 +585,102 @@ def _is_unbind(node: fx.Node) -> bool:
 
 
 def _index_step(node: fx.Node, arg: fx.Node, axes: tuple[int, ...], idx: Any, cx: Captured) -> Step:
-    """Basic tensor indexing (ints, slices, None, ...): units stay unless an int picks one."""
-    items = list(idx) if isinstance(idx, tuple) else [idx]
+    """Tensor indexing (ints, slices, None, ..., index tensors): units stay unless an int or
+    an index tensor picks among them. Index tensors on other axes (``x[arange(B), ids]``,
+    CLIP's pooling of one token per sequence) gather positions and keep units."""
+    if arg is not node.args[0]:
+        return DROP  # the index tensor
+    items = list(idx) if isinstance(idx, tuple | list) else [idx]
     n = _ndim(arg)
     if any(i is Ellipsis for i in items):
         k = items.index(Ellipsis)
         fill = n - sum(1 for i in items if i is not None and i is not Ellipsis)
         items = items[:k] + [slice(None)] * fill + items[k + 1 :]
-    mapping: dict[int, int] = {}
-    unit_map = None
-    d_in = out_dim = 0
+    advanced = any(is_tensor(i) for i in items)
+    kinds: list[tuple[str, int | None]] = []  # per item: (kind, input dim)
+    grid, changed, picks = _grid(_sizes(arg, axes)), False, []
+    d_in = 0
     for item in items:
         if item is None:
-            out_dim += 1
+            kinds.append(("new", None))
         elif isinstance(item, int) and not isinstance(item, bool):
-            if d_in in axes:
+            if d_in in axes and (advanced or len(axes) == 1):
                 raise GraphError(f"{cx.describe(node)} indexes a single unit of axis {d_in}.")
+            if d_in in axes:  # one slice of a unit axis split in sub-axes (qkv[0])
+                picks.append((axes.index(d_in), item % shape(arg)[d_in]))
+            kinds.append(("adv" if advanced else "int", d_in))
             d_in += 1
         elif isinstance(item, slice):
-            picked = range(*item.indices(shape(arg)[d_in]))
+            bounds = (item.start, item.stop, item.step)
+            if d_in not in axes:
+                picked = range(shape(arg)[d_in])  # tokens, time: any slice keeps units
+            elif any(isinstance(b, fx.Node) for b in bounds):
+                raise GraphError(f"{cx.describe(node)} slices units by a traced size.")
+            else:
+                picked = range(*item.indices(shape(arg)[d_in]))
             if d_in in axes and len(picked) != shape(arg)[d_in]:
                 idx_t = torch.tensor(list(picked), dtype=torch.long)
-                unit_map = _pick_map(_sizes(arg, axes), axes.index(d_in), idx_t)
-            mapping[d_in] = out_dim
+                grid, changed = grid.index_select(axes.index(d_in), idx_t), True
+            kinds.append(("keep", d_in))
             d_in += 1
-            out_dim += 1
+        elif is_tensor(item):
+            if d_in in axes:
+                raise GraphError(f"{cx.describe(node)} gathers units of axis {d_in} by a tensor.")
+            kinds.append(("adv", d_in))
+            d_in += 1
         else:
             raise GraphError(f"{cx.describe(node)} indexes with {type(item).__name__}.")
-    for d in range(d_in, n):
-        mapping[d] = out_dim
-        out_dim += 1
-    return Step("units", tuple(mapping[a] for a in axes), unit_map)
+    kinds += [("keep", d) for d in range(d_in, n)]
+    n_adv = max((len(shape(i)) for i in items if is_tensor(i)), default=0)
+    for pos, at in sorted(picks, reverse=True):
+        grid, changed = grid.select(pos, at), True
+    if len(picks) == len(axes):
+        raise GraphError(f"{cx.describe(node)} indexes single units.")
+    picked_axes = {axes[pos] for pos, _ in picks}
+    kept = tuple(a for a in axes if a not in picked_axes)
+    out = _indexed_axes(kinds, kept, _ndim(node), n_adv)
+    return Step("units", out, grid.flatten() if changed else None)
+
+
+def _indexed_axes(
+    kinds: list[tuple[str, int | None]], axes: tuple[int, ...], n_out: int, n_adv: int
+) -> tuple[int, ...]:
+    """Where kept input axes land after indexing: basic items in order; the ``n_adv`` dims of
+    the broadcast index tensors replace the first of them when they are adjacent, else lead."""
+    adv = [i for i, (k, _) in enumerate(kinds) if k == "adv"]
+    basic = sum(1 for k, _ in kinds if k in ("keep", "new"))
+    if basic + (n_adv if adv else 0) != n_out:  # a boolean mask spans several dims
+        raise GraphError("indexing by a mask or by tensors of another shape than told")
+    at_front = bool(adv) and adv != list(range(adv[0], adv[-1] + 1))
+    mapping: dict[int, int] = {}
+    out = n_adv if at_front else 0
+    placed = at_front
+    for kind, d in kinds:
+        if kind == "adv":
+            if not placed:
+                out += n_adv
+                placed = True
+        elif kind == "new":
+            out += 1
+        elif kind == "keep":
+            mapping[d] = out
+            out += 1
+    return tuple(mapping[a] for a in axes)
+
+
+class Index(Rule):
+    """aten ``index.Tensor(x, [i0, None, ...])``: index tensors on other axes keep units."""
+
+    name = "index"
+
+    def forward(self, node: fx.Node, arg: fx.Node, axes: tuple[int, ...], cx: Captured) -> Step:
+        if arg is not node.args[0]:
+            return DROP
+        items = [slice(None) if i is None else i for i in node.args[1]]
+        return _index_step(node, arg, axes, tuple(items), cx)
+
+    def carriers(self, node: fx.Node, axes: tuple[int, ...], cx: Captured) -> list[fx.Node]:
+        return [node.args[0]]
 
 
 class Select(Rule):
@@ -605,9 +771,11 @@ class Einsum(Rule):
         if any(u not in out for u in unit):
             return SINK
         new = [out.index(u) for u in unit]
-        if new != sorted(new):
-            raise GraphError(f"{cx.describe(node)} reorders the unit axes among themselves.")
-        return Step("units", tuple(new))
+        if new == sorted(new):
+            return Step("units", tuple(new))
+        order = sorted(range(len(new)), key=new.__getitem__)  # renumbered, as by permute
+        grid = _grid(_sizes(arg, axes)).permute(order)
+        return Step("units", tuple(sorted(new)), grid.flatten())
 
     def carriers(self, node: fx.Node, axes: tuple[int, ...], cx: Captured) -> list[fx.Node]:
         ins, out, operands = self._spec(node, cx)
@@ -689,16 +857,23 @@ class RuleSet:
     functions: dict[Any, Rule] = field(default_factory=dict)
     methods: dict[str, Rule] = field(default_factory=dict)
     version: int = 0
+    named: dict[str, Rule] = field(default_factory=dict)  # "package.module.name" -> rule
 
     def copy(self) -> RuleSet:
         """An independent rule set starting from this one (to extend for one model)."""
-        return RuleSet(dict(self.modules), dict(self.functions), dict(self.methods))
+        return RuleSet(
+            dict(self.modules), dict(self.functions), dict(self.methods), 0, dict(self.named)
+        )
 
     def add(self, rule: Rule, *targets: Any) -> None:
-        """Register ``rule`` for each target (a module type, a function/op, a method name)."""
+        """Register ``rule`` for each target: a module type, a function/op, a method name, or
+        the dotted name of a function or module type in a package that need not be installed
+        (``"torchvision.ops.stochastic_depth.stochastic_depth"``)."""
         for t in targets:
             if isinstance(t, type) and issubclass(t, nn.Module):
                 self.modules[t] = rule
+            elif isinstance(t, str) and "." in t:
+                self.named[t] = rule
             elif isinstance(t, str):
                 self.methods[t] = rule
             else:
@@ -735,7 +910,7 @@ _same_functions = [
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
     F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.sigmoid, F.tanh, F.interpolate, F.upsample,
-    F.pad, torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.neg, torch.abs,
+    torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.neg, torch.abs,
     torch.square, torch.sqrt, torch.rsqrt, torch.clamp, operator.neg, operator.pow, torch.pow,
 ]  # fmt: skip
 _same_methods = [
@@ -757,9 +932,9 @@ _same_aten = [
     "adaptive_avg_pool3d.default", "upsample_nearest1d.vec", "upsample_nearest2d.vec",
     "upsample_nearest3d.vec", "upsample_bilinear2d.vec", "upsample_linear1d.vec",
     "upsample_trilinear3d.vec", "_upsample_nearest_exact2d.vec",
-    "upsample_nearest2d.default", "upsample_bilinear2d.default", "pad.default",
-    "constant_pad_nd.default", "mul.Scalar", "add.Scalar", "sub.Scalar", "div.Scalar",
-    "masked_fill.Scalar", "max_pool2d_with_indices.default", "hardtanh_.default",
+    "upsample_nearest2d.default", "upsample_bilinear2d.default", "mul.Scalar", "add.Scalar",
+    "sub.Scalar", "div.Scalar", "masked_fill.Scalar", "max_pool2d_with_indices.default",
+    "hardtanh_.default",
     "gelu_.default", "sigmoid_.default", "tanh_.default", "leaky_relu_.default",
     "hardswish_.default", "mul_.Scalar", "add_.Scalar", "div_.Scalar", "dropout_.default",
 ]  # fmt: skip
@@ -805,14 +980,32 @@ DEFAULT_RULES.add(
     ATTENTION, F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default
 )
 DEFAULT_RULES.add(EXPAND, "expand", "expand_as", aten.expand.default)
+DEFAULT_RULES.add(Roll(), torch.roll, "roll", aten.roll.default)
+DEFAULT_RULES.add(Pad(), F.pad, aten.pad.default, aten.constant_pad_nd.default)
+DEFAULT_RULES.add(PERMUTE, torch.swapaxes, torch.swapdims, "swapdims", aten.swapaxes.default)
+DEFAULT_RULES.add(PERMUTE, aten.swapdims.default)
+DEFAULT_RULES.add(ADD, torch.addcmul, torch.addcdiv, "addcmul", "addcmul_", "addcdiv")
+DEFAULT_RULES.add(ADD, "addcdiv_", aten.addcmul.default, aten.addcdiv.default)
+DEFAULT_RULES.add(Index(), aten.index.Tensor)
+# per-sample random scaling (stochastic depth, drop path): the same units; torchvision's
+# function is kept whole by torch.fx (it is fx-wrapped), so it needs a rule by name
+DEFAULT_RULES.add(
+    SAME,
+    "torchvision.ops.stochastic_depth.stochastic_depth",
+    "torchvision.ops.stochastic_depth.StochasticDepth",
+)
 DEFAULT_RULES.add(Einsum(), torch.einsum, aten.einsum.default)
+
+
+def _qualified(target: Any) -> str:
+    return f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', '')}"
 
 
 def rule_for(node: fx.Node, cx: Captured, rules: RuleSet = DEFAULT_RULES) -> Rule:
     """The rule for a node: by module type (subclasses of norms too), function or method."""
     if node.op == "call_module":
         mod = cx.module(node)
-        rule = rules.modules.get(type(mod))
+        rule = rules.modules.get(type(mod)) or rules.named.get(_qualified(type(mod)))
         if rule is None and isinstance(mod, BATCHNORM_TYPES + NORM_TYPES):
             rule = NORM
         return rule or UNSUPPORTED
@@ -820,6 +1013,8 @@ def rule_for(node: fx.Node, cx: Captured, rules: RuleSet = DEFAULT_RULES) -> Rul
         rule = rules.functions.get(node.target)
         if rule is None and hasattr(node.target, "overloadpacket"):
             rule = rules.functions.get(node.target.overloadpacket)
+        if rule is None and rules.named:
+            rule = rules.named.get(_qualified(node.target))
         return rule or UNSUPPORTED
     if node.op == "call_method":
         return rules.methods.get(node.target, UNSUPPORTED)
@@ -834,6 +1029,8 @@ def register_passthrough(target: type[nn.Module] | Callable[..., Any] | str) -> 
     """
     if isinstance(target, type) and issubclass(target, nn.Module):
         current = DEFAULT_RULES.modules.get(target)
+    elif isinstance(target, str) and "." in target:
+        current = DEFAULT_RULES.named.get(target)
     elif isinstance(target, str):
         current = DEFAULT_RULES.methods.get(target)
     else:

@@ -10,7 +10,9 @@ output like the paper's ``W_0``/``W_{L+1}`` of ones.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -170,6 +172,12 @@ class _Walker:
         if node in cx.layer_of:
             name = cx.layer_of[node]
             want = _norm_axis(self._unit_axis(name), node)
+            if not set(axes) & set(want):
+                # the units are on another axis of the layer's output (tokens through a Linear
+                # across tokens): each of them sees the whole layer, the same factor for all
+                # units, which is a factor of 1 for ranking: an open end, exactly
+                out.append(_Reach("open", sel, None, bns))
+                return
             if axes != want:
                 raise GraphError(
                     f"units reach module '{name}' on axes {list(axes)} of its output, not on its "
@@ -195,7 +203,13 @@ class _Walker:
             if arg in cx.dense_ops:
                 out.append(_Reach("open", sel, None, bns))  # a weight that is not pruned
                 continue
-            arg_axes, step = self._step_back(rule, node, arg, axes)
+            try:
+                arg_axes, step = self._step_back(rule, node, arg, axes)
+            except GraphError:
+                if self.reaches_layer(arg, False):
+                    raise
+                out.append(_Reach("open", sel, None, bns))  # the model input, seen any way: W_0
+                continue
             if step.kind != "units":
                 continue
             nb = (*bns, (step.scale, sel)) if step.scale is not None else bns
@@ -208,21 +222,24 @@ class _Walker:
             self.back(arg, arg_axes, sel_arg, passed_add or residual, out, nb, here)
 
     def _step_back(self, rule, node: fx.Node, arg: fx.Node, axes: tuple[int, ...]):
-        """The axes of ``arg`` whose units become ``axes`` at ``node``, and the step between."""
-        tried = []
+        """The axes of ``arg`` whose units become ``axes`` at ``node``, and the step between.
+
+        The axes found forward (and the rule's own guess) come first; where they give more
+        axes than the units here hold, the others hold copies of the units (a batch folded
+        into heads) and one copy stands for all. Then any other axes, in order."""
         n = len(shape(arg)) if isinstance(shape(arg), tuple) else len(shape(arg)[0])
-        guesses = itertools.combinations(range(n), len(axes))  # any other axes, in order
-        first = (self.axes_of.get(arg), rule.back_axes(node, arg, axes, self.cx))
-        for cand in itertools.chain(first, guesses):
-            if cand is None or cand in tried:
-                continue
-            tried.append(cand)
-            try:
-                step = rule.forward(node, arg, cand, self.cx)
-            except (GraphError, IndexError, TypeError, KeyError):
-                continue
-            if step.kind != "units" or step.axes == axes:
-                return cand, step
+        first = [self.axes_of.get(arg), rule.back_axes(node, arg, axes, self.cx)]
+        guesses = list(itertools.combinations(range(n), len(axes)))  # any other axes, in order
+        for cands, copies in ((first, True), (guesses, False), (guesses, True)):
+            for cand in dict.fromkeys(c for c in cands if c is not None):
+                try:
+                    step = rule.forward(node, arg, cand, self.cx)
+                except (GraphError, IndexError, TypeError, KeyError):
+                    continue
+                if step.kind != "units" or step.axes == axes:
+                    return cand, step
+                if copies and set(axes) < set(step.axes):
+                    return cand, _one_copy(step, axes, node)
         raise GraphError(
             f"cannot tell which axes of {self.cx.describe(arg)} become the unit axes "
             f"{list(axes)} of {self.cx.describe(node)}."
@@ -269,14 +286,16 @@ class _Walker:
             if passed_fork and self.is_residual(rule, user, step.axes):
                 out.append(_Reach("open", src, None, bns))  # the skip of a residual block
                 continue
+            new_axes = step.axes
             if step.map is not None:
                 m = step.map
                 nsrc = torch.where(m >= 0, src[m.clamp(min=0)], torch.full_like(m, -1))
+                new_axes, nsrc = _drop_copies(user, new_axes, nsrc)
             else:
                 nsrc = src
             nb = (*bns, (step.scale, nsrc)) if step.scale is not None else bns
-            here = moved if step.axes == axes else f" (moved by {cx.describe(user)})"
-            self.forward(user, step.axes, nsrc, passed_fork, out, nb, here)
+            here = moved if new_axes == axes else f" (moved by {cx.describe(user)})"
+            self.forward(user, new_axes, nsrc, passed_fork, out, nb, here)
 
     def _arrive(
         self,
@@ -292,6 +311,9 @@ class _Walker:
         if self.cx.layer_input.get(user) is not node:
             raise GraphError(f"module '{name}' reads {self.cx.describe(node)} as its weight.")
         want = _norm_axis(self._unit_axis(name), node)
+        if not set(axes) & set(want):
+            out.append(_Reach("open", src, None, bns))  # a layer across another axis: 1
+            return
         if axes != want:
             raise GraphError(
                 f"units arrive at module '{name}' on axes {list(axes)}, not on its unit axis "
@@ -303,6 +325,36 @@ class _Walker:
                 f"module '{name}' reads {src.numel()} units where it has {n_in} inputs."
             )
         out.append(_Reach("layer", src, name, bns))
+
+
+def _drop_copies(node: fx.Node, axes: tuple[int, ...], src: Tensor) -> tuple:
+    """Unit axes along which every position holds the same unit are copies (a batch folded
+    into heads): they stop being unit axes, and ``src`` keeps one copy."""
+    sizes = tuple(shape(node)[a] for a in axes)
+    if len(axes) < 2 or src.numel() != math.prod(sizes):
+        return axes, src
+    grid = src.view(sizes)
+    copies = [
+        i
+        for i, n in enumerate(sizes)
+        if n > 1 and torch.equal(grid, grid.narrow(i, 0, 1).expand_as(grid))
+    ]
+    if not copies or len(copies) == len(axes):
+        return axes, src
+    for i in reversed(copies):
+        grid = grid.select(i, 0)
+    return tuple(a for i, a in enumerate(axes) if i not in copies), grid.flatten()
+
+
+def _one_copy(step, axes: tuple[int, ...], node: fx.Node):
+    """A step onto more axes than the units here hold, restricted to them: the others hold
+    copies of the same units, and one copy stands for all."""
+    sizes = tuple(shape(node)[a] for a in step.axes)
+    grid = (step.map if step.map is not None else torch.arange(math.prod(sizes))).view(sizes)
+    for i in reversed(range(len(step.axes))):
+        if step.axes[i] not in axes:
+            grid = grid.select(i, 0)
+    return dataclasses.replace(step, axes=axes, map=grid.flatten())
 
 
 def branch_points(cx: Captured, model: nn.Module) -> list[str]:
