@@ -289,3 +289,59 @@ def test_sigkill_mid_sweep_loses_and_duplicates_nothing(tmp_path: Path) -> None:
         assert added == [i >= done for i in range(N_RUNS)]
         assert len(store) == N_RUNS
         assert sorted(r["seed"] for r in store.runs()) == list(range(N_RUNS))
+
+
+# --- opening a fresh database from many processes at once ---------------------------------
+
+# Loads store.py by path (no torch import: starts in milliseconds), then for each round waits
+# for a "go" line on stdin and opens that round's fresh database; prints "ok" or the error.
+OPENER = textwrap.dedent(
+    """
+    import importlib.util, sys
+    spec = importlib.util.spec_from_file_location("lap_store", sys.argv[1])
+    store = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(store)
+    print("ready", flush=True)
+    for path in sys.argv[2:]:
+        sys.stdin.readline()
+        try:
+            store.RunStore(path).close()
+            print("ok", flush=True)
+        except Exception as err:
+            print(f"{type(err).__name__}: {err}".replace("\\n", " "), flush=True)
+    """
+)
+
+
+def test_many_processes_opening_a_fresh_database_at_once_all_succeed(tmp_path: Path) -> None:
+    n_procs, n_rounds = 16, 12
+    paths = [str(tmp_path / f"fresh-{r}.sqlite") for r in range(n_rounds)]
+    store_py = str(SRC / "lookahead_prune" / "store.py")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPENER, store_py, *paths],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(n_procs)
+    ]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        failures = []
+        for path in paths:
+            for p in procs:  # release them all at once
+                assert p.stdin is not None
+                p.stdin.write("go\n")
+                p.stdin.flush()
+            answers = [p.stdout.readline().strip() for p in procs if p.stdout is not None]
+            failures += [f"{Path(path).name}: {a}" for a in answers if a != "ok"]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert not failures, f"{len(failures)} of {n_procs * n_rounds} opens failed: {failures[:5]}"
+    for path in paths:
+        with RunStore(path, read_only=True) as store:
+            assert len(store) == 0

@@ -5,6 +5,15 @@ Each run is keyed by :func:`config_hash` of its configuration, so a sweep can as
 committed transaction in WAL mode with ``synchronous=FULL``: a sweep killed at any
 moment (even ``kill -9``) loses no finished run and never writes one twice.
 
+Opening is safe from many processes at once (the checks and the schema are one transaction,
+retried while another process holds the file), refuses damaged files (``PRAGMA quick_check``)
+and other programs' databases: ours carry ``PRAGMA application_id`` :data:`APPLICATION_ID`.
+Files written before that mark existed (application_id 0) are accepted when their ``runs``
+table is exactly this schema; they get the mark with the first run stored into them, never
+by reading. A row whose text was damaged (its config no longer hashes to its key, its JSON
+does not parse, its columns disagree with its JSON) raises a :class:`StoreError` naming the
+file and the run, or is left out with a note by :meth:`RunStore.scan`.
+
 Schema (version 1, kept in ``PRAGMA user_version``)::
 
     runs(key TEXT PRIMARY KEY,        -- config_hash(config)
@@ -22,16 +31,29 @@ import hashlib
 import json
 import math
 import numbers
+import random
 import sqlite3
 import subprocess
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-__all__ = ["SCHEMA_VERSION", "RunStore", "StoreError", "code_version", "config_hash"]
+__all__ = [
+    "APPLICATION_ID",
+    "SCHEMA_VERSION",
+    "RunStore",
+    "StoreError",
+    "code_version",
+    "config_hash",
+]
 
 SCHEMA_VERSION = 1
+APPLICATION_ID = int.from_bytes(b"LAPr", "big")
+"""``PRAGMA application_id`` of a lookahead-prune results database (0x4C415072, "LAPr")."""
+OPEN_TIMEOUT_S = 30.0
+"""How long opening waits for other processes that hold the file (creating it, writing)."""
 
 # Convenience columns: read from the config first (then the result) ...
 _CONFIG_COLUMNS = ("model", "dataset", "method", "level", "seed")
@@ -69,6 +91,25 @@ _FLOAT_DIGITS = 12
 
 class StoreError(RuntimeError):
     """The results file cannot be used (newer schema, not a results store, not SQLite)."""
+
+
+@functools.cache
+def _schema_columns() -> list[tuple[Any, ...]]:
+    """``PRAGMA table_info(runs)`` of the schema, less the column ids."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.executescript(_SCHEMA)
+        return [tuple(row[1:]) for row in conn.execute("PRAGMA table_info(runs)")]
+    finally:
+        conn.close()
+
+
+def _busy(err: sqlite3.OperationalError) -> bool:
+    """Whether another connection holding the file caused *err* (worth retrying)."""
+    code = getattr(err, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(err) or "busy" in str(err)
 
 
 def _canonical(value: Any, where: str = "config") -> Any:
@@ -183,15 +224,17 @@ class RunStore:
         if self.path.is_dir():
             raise StoreError(f"{self.path} is a directory, not a results file")
         self._conn: sqlite3.Connection | None = None
-        if read_only:
-            self._conn = self._connect_read_only()
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # isolation_level=None: we issue BEGIN/COMMIT ourselves.
-            self._conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        self._unmarked = False  # a file from before the application_id mark: set on first put
         try:
-            self._check_foreign()
-            if not read_only:
+            if read_only:
+                self._conn = self._connect_read_only()
+                self._inspect_snapshot()
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                # isolation_level=None: we issue BEGIN/COMMIT ourselves.
+                self._conn = sqlite3.connect(
+                    self.path, timeout=OPEN_TIMEOUT_S, isolation_level=None
+                )
                 self._open()
         except sqlite3.DatabaseError as err:
             self.close()
@@ -208,7 +251,9 @@ class RunStore:
         uri = self.path.resolve().as_uri()
         for mode in ("mode=ro", "immutable=1"):  # immutable: a WAL file on a read-only mount
             try:
-                conn = sqlite3.connect(f"{uri}?{mode}", uri=True, timeout=30.0)
+                conn = sqlite3.connect(
+                    f"{uri}?{mode}", uri=True, timeout=OPEN_TIMEOUT_S, isolation_level=None
+                )
                 conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
                 return conn
             except sqlite3.OperationalError as err:
@@ -217,53 +262,101 @@ class RunStore:
                 raise StoreError(f"{self.path} is not a usable SQLite results file: {err}") from err
         raise StoreError(f"cannot read {self.path}: {failure}")
 
-    def _check_foreign(self) -> None:
-        """Refuse a newer schema or another program's SQLite file before changing anything."""
+    def _inspect_snapshot(self) -> str:
+        """Check integrity and kind in one read transaction (one consistent snapshot: another
+        process may be creating the schema meanwhile) before anything is changed."""
         conn = self._db
+        conn.execute("BEGIN")
+        try:
+            problems = [row[0] for row in conn.execute("PRAGMA quick_check(3)")]
+            if problems != ["ok"]:
+                raise StoreError(
+                    f"{self.path} is damaged (SQLite integrity check: {problems[0]}); its runs "
+                    "cannot be trusted: restore it from a backup or use another path"
+                )
+            kind = self._inspect()
+        finally:
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+        if self.read_only and kind == "fresh":
+            raise StoreError(f"{self.path} is an empty SQLite file, not a results store")
+        self._unmarked = kind == "unmarked"
+        return kind
+
+    def _inspect(self) -> str:
+        """What the file is, read inside the caller's transaction: ``fresh`` (no tables),
+        ``ours`` (marked), ``unmarked`` (our exact schema from before the mark); else refused."""
+        conn = self._db
+        app = conn.execute("PRAGMA application_id").fetchone()[0]
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        other = f"{self.path} is another program's SQLite database"
+        if app not in (0, APPLICATION_ID):
             raise StoreError(
-                f"{self.path} has results schema version {version}, newer than the "
-                f"{SCHEMA_VERSION} this lookahead-prune understands; upgrade lookahead-prune"
+                f"{other} (application_id {app:#x}), not a lookahead-prune results store; "
+                "choose another path"
             )
-        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-        if version == 0 and tables:
+        if version == 0 and not tables:
+            return "fresh"
+        if version == 0:
             raise StoreError(
                 f"{self.path} is an SQLite file with other tables, not a "
                 "lookahead-prune results store; choose another path"
             )
-        if self.read_only and version == 0:
-            raise StoreError(f"{self.path} is an empty SQLite file, not a results store")
+        if version > SCHEMA_VERSION and app == APPLICATION_ID:
+            raise StoreError(
+                f"{self.path} has results schema version {version}, newer than the "
+                f"{SCHEMA_VERSION} this lookahead-prune understands; upgrade lookahead-prune"
+            )
+        columns = [tuple(row[1:]) for row in conn.execute("PRAGMA table_info(runs)")]
+        if version != SCHEMA_VERSION or columns != _schema_columns():
+            if app == APPLICATION_ID:
+                raise StoreError(
+                    f"{self.path} is marked as a lookahead-prune results store but its runs "
+                    "table is not the one of schema version 1 (damaged or edited by hand)"
+                )
+            raise StoreError(
+                f"{other} (user_version {version}, tables {sorted(tables)}), not a "
+                "lookahead-prune results store; choose another path"
+            )
+        return "ours" if app == APPLICATION_ID else "unmarked"
 
     def _open(self) -> None:
-        """Set durability pragmas and create or check the schema."""
+        """Check the file, set durability pragmas and create the schema, as one atomic step.
+
+        Many processes may open one fresh file at once. Switching it to WAL needs the
+        whole file, and SQLite refuses at once (no busy wait) when another process holds
+        it; the checks and the schema run inside one ``BEGIN IMMEDIATE``. So the whole
+        sequence is retried while another process holds the file, up to OPEN_TIMEOUT_S.
+        """
         conn = self._db
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"{self.path} has results schema version {version}, newer than the "
-                    f"{SCHEMA_VERSION} this lookahead-prune understands; upgrade lookahead-prune"
-                )
-            if version == 0:
-                tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-                if tables:
-                    raise StoreError(
-                        f"{self.path} is an SQLite file with other tables, not a "
-                        "lookahead-prune results store; choose another path"
-                    )
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+        deadline = time.monotonic() + OPEN_TIMEOUT_S
+        while True:
+            try:
+                # Refuse a damaged or foreign file before changing a byte of it (WAL).
+                self._inspect_snapshot()
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    kind = self._inspect()  # again: another process may have been first
+                    if kind == "fresh":
+                        for statement in _SCHEMA.split(";"):
+                            if statement.strip():
+                                conn.execute(statement)
+                        conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+                        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+                self._unmarked = kind == "unmarked"
+                return
+            except sqlite3.OperationalError as err:
+                if not _busy(err) or time.monotonic() > deadline:
+                    raise
+            time.sleep(random.uniform(0.002, 0.02))  # jitter: the racers do not collide again
 
     @property
     def _db(self) -> sqlite3.Connection:
