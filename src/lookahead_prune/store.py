@@ -268,10 +268,12 @@ class RunStore:
         conn = self._db
         conn.execute("BEGIN")
         try:
-            problems = [row[0] for row in conn.execute("PRAGMA quick_check(3)")]
-            if problems != ["ok"]:
+            rows = conn.execute("PRAGMA quick_check(3)").fetchall()
+            if rows != [("ok",)]:
+                lines = [line for row in rows for line in str(row[0]).splitlines()]
+                first = next((line for line in lines if not line.startswith("***")), "?")
                 raise StoreError(
-                    f"{self.path} is damaged (SQLite integrity check: {problems[0]}); its runs "
+                    f"{self.path} is damaged (SQLite integrity check: {first}); its runs "
                     "cannot be trusted: restore it from a backup or use another path"
                 )
             kind = self._inspect()
@@ -391,13 +393,13 @@ class RunStore:
 
     def get(self, key: str) -> dict[str, Any] | None:
         """Return the flat dict of the run with this config hash, or None."""
-        cursor = self._db.execute(
-            "SELECT config, result, key, wall_time, code_version, created_at "
-            "FROM runs WHERE key = ?",
-            (key,),
-        )
-        row = cursor.fetchone()
-        return None if row is None else self._flatten(row)
+        rows = self._select(f"SELECT rowid, {_SELECTED} FROM runs WHERE key = ?", (key,))
+        if not rows:
+            return None
+        try:
+            return self._flatten(rows[0])
+        except _Damaged as damage:
+            raise self._damaged_error(rows[0][0], key, damage) from None
 
     def _writable(self) -> None:
         if self.read_only:
@@ -455,7 +457,10 @@ class RunStore:
                 tuple(values.values()),
             )
             inserted = cursor.rowcount == 1
+            if inserted and self._unmarked:  # the file changes anyway: mark it as ours
+                conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
             conn.execute("COMMIT")
+            self._unmarked = self._unmarked and not inserted
         except sqlite3.OperationalError as err:  # disk full, read-only file, locked too long
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -470,17 +475,37 @@ class RunStore:
         return inserted
 
     def configs(self) -> list[tuple[str, dict[str, Any]]]:
-        """Every stored run's key and configuration (as hashed), in insertion order."""
-        rows = self._db.execute("SELECT key, config FROM runs ORDER BY rowid")
-        return [(key, json.loads(config)) for key, config in rows]
+        """Every stored run's key and configuration (as hashed), in insertion order.
+
+        A damaged configuration raises a :class:`StoreError` naming the file and the run.
+        """
+        out = []
+        rows = self._select("SELECT rowid, key, config FROM runs ORDER BY rowid")
+        for rowid, key, config in rows:
+            try:
+                out.append((key, self._config(key, config)))
+            except _Damaged as damage:
+                raise self._damaged_error(rowid, key, damage) from None
+        return out
 
     def runs(self, **filters: Any) -> list[dict[str, Any]]:
         """Return stored runs (in insertion order) whose fields equal every filter.
 
         A filter value may be a list/tuple/set meaning "any of these"; floats match within
         1e-9 relative tolerance. Indexed columns are filtered in SQL, other names on the
-        flat dict (a run lacking the name does not match unless the value is None).
+        flat dict (a run lacking the name does not match unless the value is None). A
+        damaged row raises a :class:`StoreError` naming the file and the run; :meth:`scan`
+        leaves it out instead.
         """
+        rows, problems = self.scan(**filters)
+        if problems:
+            more = f" (and {len(problems) - 1} more damaged runs)" if len(problems) > 1 else ""
+            raise StoreError(problems[0] + more)
+        return rows
+
+    def scan(self, **filters: Any) -> tuple[list[dict[str, Any]], list[str]]:
+        """Like :meth:`runs`, but a damaged row is left out and described in one line (file,
+        run key, row, what is wrong and how to get rid of it) instead of raising."""
         where: list[str] = []
         params: list[Any] = []
         rest: dict[str, list[Any]] = {}
@@ -502,19 +527,124 @@ class RunStore:
                 where.append("(" + " OR ".join(clauses) + ")")
             else:
                 rest[name] = options
-        sql = "SELECT config, result, key, wall_time, code_version, created_at FROM runs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY rowid"
-        rows = [self._flatten(row) for row in self._db.execute(sql, params)]
-        return [r for r in rows if all(_matches(r.get(k), v) for k, v in rest.items())]
+        # Every row is read and checked, and the filters are evaluated on its checked columns
+        # (NOT INDEXED: never on an index, which quick_check does not compare with the rows):
+        # a damaged row is reported even where its damage would have hidden it from a filter.
+        hit = " AND ".join(where) or "1"
+        sql = f"SELECT rowid, {_SELECTED}, {hit} FROM runs NOT INDEXED"
+        problems: list[str] = []
+        try:
+            found = self._db.execute(sql + " ORDER BY rowid", params).fetchall()
+        except sqlite3.DatabaseError as err:  # one unreadable record: read row by row
+            if isinstance(err, sqlite3.OperationalError) and _busy(err):
+                raise StoreError(f"could not read {self.path}: {err}") from err
+            found = []
+            for (rowid,) in self._select("SELECT rowid FROM runs NOT INDEXED ORDER BY rowid"):
+                try:
+                    found += self._db.execute(sql + " WHERE rowid = ?", [*params, rowid])
+                except sqlite3.DatabaseError as row_err:
+                    problems.append(self._damage_line(rowid, None, _one_line(row_err)))
+        rows = []
+        for *row, wanted in found:
+            try:
+                flat = self._flatten(tuple(row))
+            except _Damaged as damage:
+                problems.append(self._damage_line(row[0], row[3], str(damage)))
+                continue
+            if wanted and all(_matches(flat.get(k), v) for k, v in rest.items()):
+                rows.append(flat)
+        return rows, problems
+
+    def _select(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        """Rows of a query; an unreadable file raises a one-line StoreError naming it."""
+        try:
+            return self._db.execute(sql, tuple(params)).fetchall()
+        except sqlite3.DatabaseError as err:
+            raise StoreError(f"could not read {self.path}: {_one_line(err)}") from err
+
+    def _damage_line(self, rowid: Any, key: Any, why: str) -> str:
+        run = f"run {key}" if isinstance(key, str) else "a run"
+        return (
+            f"{self.path}: {run} (row {rowid}) is damaged: {why}; restore the file from a "
+            f"backup, or delete the row (DELETE FROM runs WHERE rowid = {rowid}) so a sweep "
+            "recomputes it"
+        )
+
+    def _damaged_error(self, rowid: Any, key: Any, damage: _Damaged) -> StoreError:
+        return StoreError(self._damage_line(rowid, key, str(damage)))
 
     @staticmethod
-    def _flatten(row: tuple[Any, ...]) -> dict[str, Any]:
-        config_json, result_json, key, wall_time, version, created_at = row
-        flat: dict[str, Any] = {**json.loads(config_json), **json.loads(result_json)}
+    def _config(key: Any, config_json: Any) -> dict[str, Any]:
+        """The configuration of a row, checked against its key (the key hashes its text)."""
+        if not isinstance(config_json, str):
+            raise _Damaged(f"its config is {type(config_json).__name__}, not text")
+        if not isinstance(key, str) or _hash_text(config_json) != key:
+            raise _Damaged("its config no longer hashes to its key")
+        try:
+            config = json.loads(config_json)
+        except ValueError as err:
+            raise _Damaged(f"its config is not valid JSON: {err}") from None
+        if not isinstance(config, dict):
+            raise _Damaged("its config is not a JSON object")
+        return config
+
+    @classmethod
+    def _flatten(cls, row: tuple[Any, ...]) -> dict[str, Any]:
+        """The flat dict of a row, or _Damaged when its parts disagree."""
+        _, config_json, result_json, key, wall_time, version, created_at, *copies = row
+        config = cls._config(key, config_json)
+        if not isinstance(result_json, str):
+            raise _Damaged(f"its result is {type(result_json).__name__}, not text")
+        try:
+            result = json.loads(result_json)
+        except ValueError as err:
+            raise _Damaged(f"its result is not valid JSON: {err}") from None
+        if not isinstance(result, dict):
+            raise _Damaged("its result is not a JSON object")
+        if not (
+            isinstance(wall_time, int | float)
+            and isinstance(version, str)
+            and isinstance(created_at, str)
+        ):
+            raise _Damaged("its wall_time, code_version or created_at column is damaged")
+        for name, stored in zip(_CONFIG_COLUMNS + _RESULT_COLUMNS, copies, strict=True):
+            if name in _CONFIG_COLUMNS:
+                expected = _pick(config, result, name)
+            else:
+                expected = _pick(result, config, name)
+            if not _same(stored, expected):
+                raise _Damaged(f"its {name} column holds {stored!r} but its JSON {expected!r}")
+        flat: dict[str, Any] = {**config, **result}
         flat.update(key=key, wall_time=wall_time, code_version=version, created_at=created_at)
         return flat
+
+
+class _Damaged(Exception):
+    """A row whose stored parts disagree (the message says how)."""
+
+
+# The columns a row is read with: the JSON, the meta columns, then the copies to check.
+_READ = ("config", "result", "key", "wall_time", "code_version", "created_at")
+_SELECTED = ", ".join([*_READ, *_CONFIG_COLUMNS, *_RESULT_COLUMNS])
+
+
+def _same(stored: Any, expected: Any) -> bool:
+    """Whether a convenience column agrees with the JSON it was copied from (SQLite's column
+    affinity may have stored a number as text or text as a number; floats within 1e-9)."""
+    if stored is None or expected is None:
+        return stored is None and expected is None
+    if stored == expected:
+        return True
+    try:
+        a, b = float(stored), float(expected)
+    except (TypeError, ValueError):
+        return False
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def _one_line(err: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _matches(value: Any, options: Iterable[Any]) -> bool:
