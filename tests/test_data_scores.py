@@ -252,3 +252,43 @@ def test_obd_and_lap_act_on_token_wise_linear_layers():
     guessed = lp.compute_scores(model, "lap")
     assert all(torch.equal(guessed[n], plain[n]) for n in plain)
     torch.testing.assert_close(act["tok"], plain["tok"] * rate.view(-1, 1))
+
+
+@pytest.mark.parametrize("method", ["obd", "lap-act"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_data_scores_refuse_non_finite_data_before_touching_the_model(method, bad):
+    model = _net()
+    x, y = _data()
+    x[7, 2] = bad
+    with pytest.raises(ValueError, match=r"holds 1 NaN or infinite value\(s\) among 160"):
+        lp.prune(model, method, 0.5, data=(x, y))
+    assert not hasattr(model[0], "weight_mask")
+
+
+@pytest.mark.parametrize("method", ["obd", "lap-act"])
+def test_data_of_the_wrong_width_names_the_layer_and_what_it_expects(method):
+    x, y = _data()
+    with pytest.raises(ValueError) as err:
+        lp.compute_scores(_net(), method, data=(torch.cat([x, x], 1), y))
+    message = str(err.value)
+    assert "\n" not in message
+    assert "shape (40, 8)" in message and "layer '0' (Linear) expects 4 input features" in message
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))
+    images = torch.randn(6, 1, 4, 4)  # one channel where the model takes three
+    with pytest.raises(ValueError, match=r"layer '0' \(Conv2d\) expects 3 input channels"):
+        lp.compute_scores(conv, method, data=(images, torch.zeros(6, dtype=torch.long)))
+
+
+def test_obd_labels_must_be_class_indices_of_the_model():
+    x, y = _data()  # the model has 3 classes
+    for labels, match in [
+        (y + 3, r"labels for 'obd' lie in 3\.\.5, outside the model's 3 classes \(0\.\.2\)"),
+        (y - 1, r"lie in -1\.\.1"),
+        (y.double(), "integer class indices"),
+        (y[:-1], r"one class index per example; got \(39,\) for 40"),
+    ]:
+        model = _net()
+        with pytest.raises(ValueError, match=match):
+            lp.prune(model, "obd", 0.5, data=(x, labels))
+        assert not hasattr(model[0], "weight_mask")
+    lp.prune(_net(), "obd", 0.5, data=x)  # no labels: nothing to check (OBD does not need them)

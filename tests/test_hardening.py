@@ -365,3 +365,23 @@ def test_a_read_only_database_fails_before_any_training(tmp_path, monkeypatch, c
     assert _sweep(db, "4") == 2
     err = capsys.readouterr().err
     assert str(db) in err and "readonly" in err and err.count("\n") == 1 and not trained
+
+
+def test_another_tools_database_with_a_runs_table_is_one_line_for_report_and_sweep(
+    tmp_path, capsys
+):
+    import sqlite3
+
+    other = tmp_path / "other.sqlite"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE runs (id INTEGER PRIMARY KEY, name TEXT)")
+        conn.execute("PRAGMA user_version = 1")
+    before = other.read_bytes()
+    capsys.readouterr()
+    assert main(["report", "--db", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "another program's SQLite database" in err and err.count("\n") == 1
+    assert _sweep(other, "4") == 2
+    err = capsys.readouterr().err
+    assert "another program's SQLite database" in err and err.count("\n") == 1
+    assert other.read_bytes() == before

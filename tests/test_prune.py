@@ -266,6 +266,22 @@ def test_bad_input_is_rejected_and_model_untouched(kwargs, error, match):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_keep_takes_any_real_scalar_but_not_bools_nan_or_out_of_range():
+    import numpy as np
+
+    expected = lp.prune(_mlp(), "lap", 0.25).kept
+    for keep in (np.float32(0.25), np.float64(0.25), np.float16(0.25), torch.tensor(0.25),
+                 torch.tensor(0.25, dtype=torch.float64), np.array(0.25)):  # fmt: skip
+        assert lp.prune(_mlp(), "lap", keep).kept == expected, type(keep)
+        assert lp.prune(_mlp(), "lap", {"3": keep}).layers  # dict values too
+    assert lp.prune(_mlp(), "mp", torch.tensor(1)).kept == lp.prune(_mlp(), "mp", 1.0).kept
+    bad = [np.bool_(True), torch.tensor(True), True, np.float32("nan"), torch.tensor(1.5),
+           torch.tensor([0.5]), np.array([0.5]), torch.tensor(0.5j), "0.5"]  # fmt: skip
+    for keep in bad:
+        with pytest.raises((TypeError, ValueError), match=r"keep must be"):
+            lp.prune(_mlp(), "lap", keep)
+
+
 def test_nan_weights_name_the_layer_and_leave_model_untouched():
     model = _mlp()
     with torch.no_grad():

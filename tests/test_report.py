@@ -14,6 +14,7 @@ from lookahead_prune.report import (
     method_label,
     method_order,
     plot_accuracy,
+    reportable,
     rows_to_csv,
     summarize,
     to_csv,
@@ -193,8 +194,22 @@ def test_summarize_rejects_bad_rows() -> None:
         summarize([{**rows[0], "test_acc_retrained": 98.0}])  # percent, not fraction
     with pytest.raises(ValueError, match="keep"):
         summarize([{**rows[0], "keep": 0}])
-    nan = summarize([{**rows[0], "test_acc_retrained": math.nan}]).cell("mp", 0.0636)
-    assert nan is not None and math.isnan(nan.mean)  # a diverged run stays visible
+    for bad in (math.nan, math.inf):  # never nan±nan: reportable() lists such a run instead
+        with pytest.raises(ValueError, match=r"\[0, 1\], got (nan|inf)"):
+            summarize([{**rows[0], "test_acc_retrained": bad}])
+
+
+def test_reportable_skips_nan_and_infinite_accuracies_with_a_line_each() -> None:
+    rows = make_rows()
+    bad = [
+        {**rows[0], "test_acc_retrained": math.nan},
+        {**rows[1], "test_acc_retrained": -math.inf},
+    ]
+    good, problems = reportable([*bad, *rows[2:]])
+    assert len(good) == len(rows) - 2 and len(problems) == 2
+    assert "test_acc_retrained nan is not an accuracy" in problems[0]
+    assert "test_acc_retrained -inf is not an accuracy" in problems[1]
+    assert "nan" not in to_markdown(summarize(good))
 
 
 @pytest.mark.parametrize("suffix", [".png", ".svg"])

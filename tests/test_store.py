@@ -289,3 +289,227 @@ def test_sigkill_mid_sweep_loses_and_duplicates_nothing(tmp_path: Path) -> None:
         assert added == [i >= done for i in range(N_RUNS)]
         assert len(store) == N_RUNS
         assert sorted(r["seed"] for r in store.runs()) == list(range(N_RUNS))
+
+
+# --- opening a fresh database from many processes at once ---------------------------------
+
+# Loads store.py by path (no torch import: starts in milliseconds), then for each round waits
+# for a "go" line on stdin and opens that round's fresh database; prints "ok" or the error.
+OPENER = textwrap.dedent(
+    """
+    import importlib.util, sys
+    spec = importlib.util.spec_from_file_location("lap_store", sys.argv[1])
+    store = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(store)
+    print("ready", flush=True)
+    for path in sys.argv[2:]:
+        sys.stdin.readline()
+        try:
+            store.RunStore(path).close()
+            print("ok", flush=True)
+        except Exception as err:
+            print(f"{type(err).__name__}: {err}".replace("\\n", " "), flush=True)
+    """
+)
+
+
+def test_many_processes_opening_a_fresh_database_at_once_all_succeed(tmp_path: Path) -> None:
+    n_procs, n_rounds = 16, 12
+    paths = [str(tmp_path / f"fresh-{r}.sqlite") for r in range(n_rounds)]
+    store_py = str(SRC / "lookahead_prune" / "store.py")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPENER, store_py, *paths],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(n_procs)
+    ]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        failures = []
+        for path in paths:
+            for p in procs:  # release them all at once
+                assert p.stdin is not None
+                p.stdin.write("go\n")
+                p.stdin.flush()
+            answers = [p.stdout.readline().strip() for p in procs if p.stdout is not None]
+            failures += [f"{Path(path).name}: {a}" for a in answers if a != "ok"]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert not failures, f"{len(failures)} of {n_procs * n_rounds} opens failed: {failures[:5]}"
+    for path in paths:
+        with RunStore(path, read_only=True) as store:
+            assert len(store) == 0
+
+
+# --- damaged files and rows ---------------------------------------------------------------
+
+
+def _fill(path: Path, n: int = 8) -> list[str]:
+    with RunStore(path) as store:
+        for i in range(n):
+            store.put(make_config(i), make_result(i), wall_time=1.0, code_version="v")
+        keys = [key for key, _ in store.configs()]
+    with sqlite3.connect(path) as raw:  # fold the WAL in: the file alone holds everything
+        raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return keys
+
+
+def test_a_damaged_row_names_the_file_and_the_run_and_scan_skips_it(tmp_path: Path) -> None:
+    path = tmp_path / "runs.db"
+    keys = _fill(path)
+    with sqlite3.connect(path) as raw:
+        raw.execute("UPDATE runs SET result = '{\"keep\": 0.5,, }' WHERE key = ?", (keys[1],))
+        raw.execute("UPDATE runs SET result = x'00ff' WHERE key = ?", (keys[2],))
+        config = raw.execute("SELECT config FROM runs WHERE key = ?", (keys[3],)).fetchone()[0]
+        raw.execute(
+            "UPDATE runs SET config = ? WHERE key = ?",
+            (config.replace('"seed":3', '"seed":8'), keys[3]),
+        )
+        raw.execute("UPDATE runs SET test_acc_pruned = 0.25 WHERE key = ?", (keys[4],))
+        raw.execute(  # the JSON changed, its column copy did not
+            "UPDATE runs SET result = replace(result, '0.9', '0.1') WHERE key = ?", (keys[5],)
+        )
+    with RunStore(path, read_only=True) as store:
+        with pytest.raises(StoreError) as info:
+            store.runs()
+        message = str(info.value)
+        assert str(path) in message and keys[1] in message and "\n" not in message
+        assert "not valid JSON" in message and "4 more damaged runs" in message
+        with pytest.raises(StoreError, match=f"{keys[2]}.*result is bytes, not text"):
+            store.get(keys[2])
+        with pytest.raises(StoreError, match=f"{keys[3]}.*no longer hashes to its key"):
+            store.configs()
+        rows, problems = store.scan()
+        assert [r["key"] for r in rows] == [keys[i] for i in (0, 6, 7)]
+        assert [p.split(" (row")[0] for p in problems] == [
+            f"{path}: run {keys[i]}" for i in (1, 2, 3, 4, 5)
+        ]
+        assert "test_acc_pruned column holds 0.25" in problems[3]
+        assert "test_acc_retrained column holds 0.9 but its JSON 0.1" in problems[4]
+        assert all("DELETE FROM runs WHERE rowid" in p and "\n" not in p for p in problems)
+        # A filter never hides a damaged row: it is reported whatever it would have matched.
+        rows, problems = store.scan(seed=[0, 7])
+        assert [r["seed"] for r in rows] == [0, 7] and len(problems) == 5
+
+
+def _flip_outcome(path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """What ``lap report`` and a sweep's opening make of a file: every outcome must be a
+    one-line error, a report with one line per skipped run, or the undamaged report."""
+    from lookahead_prune.cli import main
+
+    capsys.readouterr()
+    rc = main(["report", "--db", str(path), "--format", "csv"])  # every stored field
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    if rc == 2:
+        assert len(lines) == 1 and lines[0].startswith("lap report: error: "), err
+        assert str(path) in err, err
+        outcome = "error"
+    else:
+        assert rc == 0, err
+        assert all(line.startswith("lap report: skipped a run: ") for line in lines), err
+        assert all(str(path) in line for line in lines), err
+        outcome = "skipped" if lines else out
+    try:  # what a sweep does first: open for writing, ask what is stored, store a run
+        with RunStore(path) as store:
+            store.runs()
+            store.put({"fresh": 1}, {"keep": 0.5}, wall_time=0.0, code_version="v")
+    except StoreError as error:
+        assert "\n" not in str(error) and str(path) in str(error), error
+    return outcome
+
+
+def test_bytes_flipped_anywhere_give_one_line_errors_or_warnings(tmp_path, capsys) -> None:
+    clean = tmp_path / "clean.sqlite"
+    _fill(clean, 40)
+    data = clean.read_bytes()
+    assert _flip_outcome(clean, capsys) not in ("error", "skipped")
+    _fill(clean := tmp_path / "clean2.sqlite", 40)
+    undamaged = _flip_outcome(clean, capsys)
+    page = 4096
+    # The header's fields, then spots in every page: its header, cell pointers and cells.
+    positions = sorted(
+        {*range(16, 100, 4)}
+        | {p + d for p in range(0, len(data), page) for d in (100 if p == 0 else 0, 5, 9)}
+        | {p - d for p in range(page, len(data) + 1, page) for d in (1, 37, 300, 1000)}
+        | set(range(0, len(data), 1009))
+    )
+    outcomes: dict[str, int] = {}
+    for i, position in enumerate(positions):
+        damaged = bytearray(data)
+        damaged[position] ^= 0x55
+        path = tmp_path / f"flip-{i}.sqlite"
+        path.write_bytes(bytes(damaged))
+        outcome = _flip_outcome(path, capsys)
+        if outcome not in ("error", "skipped"):
+            outcome = "unchanged" if outcome == undamaged else f"CHANGED at {position}"
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    assert set(outcomes) <= {"error", "skipped", "unchanged"}, outcomes
+    assert outcomes.get("error", 0) > 5 and outcomes.get("skipped", 0) > 5, outcomes
+
+
+# --- whose database is it -----------------------------------------------------------------
+
+COMMITTED = Path(__file__).resolve().parent.parent / "results"
+
+
+def test_databases_are_marked_and_other_programs_databases_refused(tmp_path: Path) -> None:
+    from lookahead_prune.store import APPLICATION_ID
+
+    ours = tmp_path / "ours.sqlite"
+    RunStore(ours).close()
+    with sqlite3.connect(ours) as raw:
+        assert raw.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+
+    # Another tool's database that happens to have a runs table and user_version 1.
+    other = tmp_path / "other.sqlite"
+    with sqlite3.connect(other) as raw:
+        raw.execute("CREATE TABLE runs (id INTEGER PRIMARY KEY, name TEXT, score REAL)")
+        raw.execute("INSERT INTO runs (name, score) VALUES ('a', 1.0)")
+        raw.execute("PRAGMA user_version = 1")
+    before = other.read_bytes()
+    for read_only in (True, False):
+        with pytest.raises(StoreError, match="another program's SQLite database") as info:
+            RunStore(other, read_only=read_only)
+        assert "\n" not in str(info.value) and str(other) in str(info.value)
+    assert other.read_bytes() == before  # not even switched to WAL
+
+    # Our exact schema under another program's application_id: refused as well.
+    marked = tmp_path / "marked.sqlite"
+    RunStore(marked).close()
+    with sqlite3.connect(marked) as raw:
+        raw.execute("PRAGMA application_id = 12345")
+    with pytest.raises(StoreError, match=r"another program's SQLite database \(application_id"):
+        RunStore(marked, read_only=True)
+
+
+@pytest.mark.skipif(not (COMMITTED / "fmnist.sqlite").is_file(), reason="no committed results")
+def test_databases_from_before_the_mark_work_and_are_marked_only_when_written(tmp_path) -> None:
+    import shutil
+
+    from lookahead_prune.store import APPLICATION_ID
+
+    path = tmp_path / "fmnist.sqlite"
+    shutil.copyfile(COMMITTED / "fmnist.sqlite", path)
+    with sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True) as raw:
+        assert raw.execute("PRAGMA application_id").fetchone()[0] == 0
+    before = path.read_bytes()
+    with RunStore(path, read_only=True) as store:
+        rows = store.runs()
+        assert len(rows) > 100
+    with RunStore(path) as store:  # a sweep over what is all stored already
+        config = store.configs()[0][1]
+        assert not store.put(config, {}, wall_time=0.0, code_version="v")  # stored already
+        assert all(store.has(r["key"]) for r in rows)
+    assert path.read_bytes() == before  # reading never writes, not even the mark
+    with RunStore(path) as store:
+        assert store.put({"new": 1}, {"keep": 0.5}, wall_time=0.0, code_version="v")
+        assert store._db.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+    with RunStore(path, read_only=True) as store:
+        assert len(store.runs()) == len(rows) + 1

@@ -446,7 +446,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         check_plot_path(args.plot)  # before printing anything
     filters = {k: getattr(args, k) for k in ("model", "dataset") if getattr(args, k)}
     with RunStore(args.db, read_only=True) as store:  # reads only: read-only mounts work
-        rows = store.runs(**filters)
+        rows, damaged = store.scan(**filters)
+    for problem in damaged:
+        print(f"lap report: skipped a run: {problem}", file=sys.stderr)
     if not rows:
         raise ValueError(f"{args.db} holds no runs matching {filters or 'anything'}")
     if args.format == "csv":

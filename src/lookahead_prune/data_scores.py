@@ -37,6 +37,7 @@ class Measure:
     fn: Callable[[nn.Module, Tensor, Sequence[str]], dict[str, Tensor]]
     what: str
     scales_rows: bool = False  # True: the statistic rescales weight rows before any score
+    classes: bool = False  # True: labels given with the data must index the output's classes
 
 
 def _inputs(data: Data | None, method: str) -> Tensor:
@@ -51,7 +52,78 @@ def _inputs(data: Data | None, method: str) -> Tensor:
         raise ValueError(
             f"data for {method!r} must hold a batch of inputs (a tensor [N, ...] with N >= 1)"
         )
+    if (x.is_floating_point() or x.is_complex()) and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(
+            f"data for {method!r} holds {bad} NaN or infinite value(s) among {x.numel()}; "
+            "data scores need finite examples: drop or repair those first"
+        )
     return x
+
+
+def _probe(model: nn.Module, x: Tensor, method: str) -> Any:
+    """The model's output on the first examples: data that does not fit the model fails here,
+    in one line naming the layer it does not fit and what that layer expects."""
+    names = {id(m): n for n, m in model.named_modules()}
+    entered: list[tuple[nn.Module, tuple]] = []
+
+    def enter(module: nn.Module, args: tuple) -> None:
+        entered.append((module, args))
+
+    def leave(module: nn.Module, args: tuple, out: Any) -> None:
+        entered.pop()
+
+    handles = [m.register_forward_pre_hook(enter) for m in model.modules()]
+    handles += [m.register_forward_hook(leave) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            return model(x[:2])
+    except RuntimeError as err:
+        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if not entered or not names.get(id(entered[-1][0])):  # the model's own code failed
+            raise ValueError(
+                f"data for {method!r} (shape {tuple(x.shape)}) does not fit "
+                f"{type(model).__name__}: {why}"
+            ) from None
+        module, args = entered[-1]  # the innermost module still running: where it failed
+        got = tuple(args[0].shape) if args and isinstance(args[0], Tensor) else "?"
+        if isinstance(module, nn.Linear):
+            expects = f"expects {module.in_features} input features (last dimension)"
+        elif isinstance(module, nn.modules.conv._ConvNd):
+            expects = f"expects {module.in_channels} input channels (dimension 1)"
+        else:
+            expects = "cannot take its input"
+        raise ValueError(
+            f"data for {method!r} (shape {tuple(x.shape)}) does not fit the model: layer "
+            f"'{names[id(module)]}' ({type(module).__name__}) {expects} but gets shape {got} "
+            f"for {min(len(x), 2)} example(s) ({why})"
+        ) from None
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _check_labels(data: Data | None, x: Tensor, out: Any, method: str) -> None:
+    """Labels given with the data must be one class index of the output per example."""
+    if not isinstance(data, tuple | list) or len(data) < 2:
+        return
+    y = data[1]
+    if not isinstance(y, Tensor) or y.dim() != 1 or len(y) != len(x):
+        shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+        raise ValueError(
+            f"labels for {method!r} must be a tensor [N] with one class index per example; "
+            f"got {shape} for {len(x)} examples"
+        )
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"labels for {method!r} must be integer class indices, got {y.dtype}")
+    if isinstance(out, Tensor) and out.dim() == 2 and len(y):
+        classes = out.shape[1]
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= classes:
+            raise ValueError(
+                f"labels for {method!r} lie in {low}..{high}, outside the model's {classes} "
+                f"classes (0..{classes - 1}); are they the labels of this data and model?"
+            )
 
 
 def _chunks(x: Tensor, size: int) -> Iterator[Tensor]:
@@ -241,7 +313,7 @@ def hessian_diagonals(model: nn.Module, x: Tensor, layers: Sequence[str]) -> dic
 
 MEASURES: dict[str, Measure] = {
     "activation": Measure(activation_scales, "sqrt(activation rate)", scales_rows=True),
-    "hessian": Measure(hessian_diagonals, "Hessian diagonal of the cross-entropy"),
+    "hessian": Measure(hessian_diagonals, "Hessian diagonal of the cross-entropy", classes=True),
 }
 """Statistics a :class:`~lookahead_prune.scores.Score` can ask for by name."""
 
@@ -257,6 +329,9 @@ def measure(
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
+        out = _probe(model, x, method)
+        if MEASURES[name].classes:
+            _check_labels(data, x, out, method)
         return MEASURES[name].fn(model, x, layers)
     finally:
         for m, mode in modes.items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import numbers
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -185,7 +186,10 @@ class PruneReport:
 
 
 def _check_fraction(value: object, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    """A keep fraction as a float: any real scalar (Python, NumPy, a 0-d tensor or array)."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()  # 0-d tensor or array (NumPy scalars give their Python value too)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{where} must be a number in (0, 1], not {value!r}")
     value = float(value)
     if math.isnan(value) or not 0.0 < value <= 1.0:

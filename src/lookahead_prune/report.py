@@ -169,7 +169,7 @@ def summarize(
             raise ValueError(f"row method must be a string, got {method!r}")
         if not _is_number(keep) or not 0 < keep <= 1:
             raise ValueError(f"row keep must be a fraction in (0, 1], got {keep!r}")
-        if not _is_number(acc) or not (math.isnan(acc) or 0 <= acc <= 1):
+        if not _is_number(acc) or not 0 <= acc <= 1:  # NaN and infinities fail this too
             raise ValueError(f"{metric} must be an accuracy fraction in [0, 1], got {acc!r}")
         group = (method, _round_keep(keep))
         seed = row.get("seed")
@@ -203,7 +203,7 @@ def reportable(
         where = f"{method} level {row.get('level')} seed {row.get('seed')} (key {row.get('key')})"
         if not _is_number(keep) or not 0 < keep <= 1:
             problems.append(f"{where}: keep {keep!r} is not a fraction in (0, 1]")
-        elif not _is_number(acc) or not (math.isnan(acc) or 0 <= acc <= 1):
+        elif not _is_number(acc) or not 0 <= acc <= 1:  # NaN and infinities fail this too
             problems.append(f"{where}: {metric} {acc!r} is not an accuracy")
         elif not isinstance(method, str):
             problems.append(f"{where}: method {method!r} is not a name")
