@@ -104,10 +104,8 @@ def part_crossover(repeats: int, densities: tuple[float, ...]) -> None:
                 sparse = random_layer(out_f, in_f, d, gen)
                 w, b = sparse.dense_weight(), sparse.bias
                 with torch.inference_mode():
-                    t = interleaved(
-                        {"dense": partial(nn.functional.linear, x, w, b), "csr": partial(sparse, x)},
-                        repeats,
-                    )
+                    dense = partial(nn.functional.linear, x, w, b)
+                    t = interleaved({"dense": dense, "csr": partial(sparse, x)}, repeats)
                 ratios.append(t["dense"] / t["csr"])
             pays = [d for d, r in zip(densities, ratios, strict=True) if r > 1.0]
             cross = f"{100 * max(pays):g}%" if pays else "never"

@@ -641,9 +641,7 @@ def load_sparse(
 # --------------------------------------------------------------------------- latency
 
 
-def latency(
-    models: dict[str, nn.Module], example: Tensor, repeats: int = 15
-) -> dict[str, float]:
+def latency(models: dict[str, nn.Module], example: Tensor, repeats: int = 15) -> dict[str, float]:
     """Median seconds per forward of each model on ``example`` under ``inference_mode``,
     the models interleaved within each repeat so that a busy machine slows all alike."""
     sync = torch.cuda.synchronize if example.is_cuda else (lambda: None)
