@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,7 +118,11 @@ def csr_from_mask(weight: Tensor, mask: Tensor) -> Tensor:
     crow[1:] = mask.sum(1).cumsum(0)
     col = mask.nonzero()[:, 1].contiguous()
     values = weight[mask].contiguous()
-    return torch.sparse_csr_tensor(crow, col, values, size=tuple(weight.shape))
+    with warnings.catch_warnings():  # "CSR support is in beta": said once per process
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(
+            crow, col, values, size=tuple(weight.shape), check_invariants=False
+        )
 
 
 # --------------------------------------------------------------------------- the registry
@@ -465,13 +470,11 @@ def _layer_state(model: nn.Module) -> tuple[dict[str, tuple[nn.Module, Tensor, T
     for name, module in model.named_modules():
         if isinstance(module, SparseLinear):
             w = module.weight
-            mask = torch.sparse_csr_tensor(
-                w.crow_indices(),
-                w.col_indices(),
-                torch.ones_like(w.values(), dtype=torch.bool),
-                size=w.shape,
-            ).to_dense()
-            layers[name] = (module, w.to_dense(), mask)
+            crow = w.crow_indices()
+            rows = torch.repeat_interleave(torch.arange(w.shape[0]), (crow[1:] - crow[:-1]).cpu())
+            mask = torch.zeros(w.shape, dtype=torch.bool)
+            mask[rows, w.col_indices().cpu()] = True
+            layers[name] = (module, w.to_dense().cpu(), mask)
             keys.add(f"{name}.weight")
         elif name in sparse_names and name not in layers:  # folded dense by to_sparse
             wname = weight_name(module)
@@ -615,6 +618,9 @@ def load_sparse(
     if bad:
         got, saved = list(expected[bad[0]].shape), list(state[bad[0]].shape)
         raise _mismatch(path, f"{bad[0]} is {got}, the file {saved}")
+    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    if len(dtypes) == 1:  # the file's dtype wins (load_state_dict would cast to the model's)
+        model.to(dtypes.pop())
     model.load_state_dict(state)
     if masked:
         for name, mask in masks.items():
