@@ -17,6 +17,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DATASETS, DatasetError, load_dataset
 from .engines import ENGINE_CHOICES
 from .graph import GRAPH_MODES
+from .masks import parse_nm
 from .models import model_names
 from .pipeline import RETRAIN_MODES, Protocol, new_model, train_dense
 from .prune import parse_method, prune
@@ -192,6 +193,18 @@ def _protocol(args: argparse.Namespace, model: str, dataset: str, seed: int) -> 
         elif f.name in given:
             values[f.name] = given[f.name]
     return Protocol(**values)
+
+
+def _keep(text: str) -> float | str:
+    """``--keep``: a fraction (``0.05``) or an N:M pattern (``2:4``)."""
+    try:
+        if ":" in text:
+            parse_nm(text)
+            return text
+        return float(text)
+    except ValueError as err:
+        why = str(err) if ":" in text else f"not a number: {text!r}"
+        raise argparse.ArgumentTypeError(why) from None
 
 
 def _seeds(text: str, flag: str = "--seeds") -> list[int]:
@@ -717,7 +730,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--method", default="lap",
         help=f"one method: {', '.join(sorted(SCORES))}, or e.g. lap-forward-seq",
     )  # fmt: skip
-    pr.add_argument("--keep", type=float, default=0.05, help="fraction of weights to keep")
+    pr.add_argument("--keep", type=_keep, default=0.05,
+                    help="fraction of weights to keep, or N:M (e.g. 2:4: the best 2 of every 4 "
+                    "consecutive input weights)")  # fmt: skip
     pr.add_argument("--scope", default="layer", choices=["layer", "global"],
                     help="keep per layer, or overall under one threshold")  # fmt: skip
     pr.add_argument("--graph", default="fx", choices=GRAPH_MODES,
