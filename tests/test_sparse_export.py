@@ -283,3 +283,15 @@ def test_lap_export_sparse_and_dense(tmp_path, capsys):
 
     assert main(["export", str(out), "--out", str(tmp_path / "again.lap")]) == 2
     assert "already an export" in capsys.readouterr().err
+
+
+def test_everything_works_under_inference_mode(tmp_path):
+    model = _pruned_fcn(0.02)
+    x = torch.randn(4, 1, 28, 28)
+    with torch.inference_mode():
+        sparse = lp.to_sparse(model)
+        lp.save_sparse(model, tmp_path / "m.lap")
+        back = lp.load_sparse(tmp_path / "m.lap")
+    assert isinstance(back.fc2, SparseLinear)
+    _same(model, sparse, x)
+    _same(model, back, x)
