@@ -84,3 +84,17 @@ def test_bad_n_m_specs_get_one_line(keep, message):
 def test_n_m_is_per_layer_only():
     with pytest.raises(ValueError, match="scope='layer'"):
         lp.prune(_mlp(), "mp", "2:4", scope="global")
+
+
+def test_lap_prune_keep_2_4(tmp_path, capsys):
+    from lookahead_prune.cli import main
+
+    dense = tmp_path / "dense.pt"
+    assert main(["train", "--out", str(dense), "--quiet", "--train-steps", "5",
+                 "--subset", "120"]) == 0  # fmt: skip
+    assert main(["prune", str(dense), "--method", "lap", "--keep", "2:4"]) == 0
+    out = capsys.readouterr().out
+    assert "50.00%" in out and "fc5" in out
+    with pytest.raises(SystemExit):
+        main(["prune", str(dense), "--keep", "4:4"])
+    assert "0 < N < M" in capsys.readouterr().err

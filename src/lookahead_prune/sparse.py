@@ -334,8 +334,11 @@ def to_sparse(
     fold_masks(out)
 
     def decide(name: str, module: nn.Module, weight: Tensor, mask: Tensor) -> tuple[str, str]:
+        """The first format that supports the layer and pays, else dense and why not."""
         density = float(mask.float().mean())
         device = weight.device
+        kind = layer_type(module).name  # type: ignore[union-attr]
+        why = DENSE_REASONS.get(kind, f"no sparse format supports it on {device.type}")
         for fmt in FORMATS.values():
             if not fmt.supports(module, device):
                 continue
@@ -346,18 +349,18 @@ def to_sparse(
             if calibrate_layers:
                 if calibrate(fmt, module, weight, mask, batch):
                     return fmt.name, f"calibrated at batch {batch}"
-                return "dense", f"{fmt.name} measured slower here at batch {batch}"
+                why = f"{fmt.name} measured slower here at batch {batch}"
+                continue
             cross = fmt.crossover(tuple(weight.shape), batch, device)
-            if cross is None:
-                return "dense", (
-                    f"no {fmt.name} crossover measured on {device.type}; pass max_density= "
-                    "or calibrate_layers=True"
-                )
-            if density < cross:
+            if cross is not None and density < cross:
                 return fmt.name, ""
-            return "dense", f"above the {fmt.name} crossover {100 * cross:.0f}% at batch {batch}"
-        kind = layer_type(module).name  # type: ignore[union-attr]
-        return "dense", DENSE_REASONS.get(kind, f"no sparse format supports it on {device}")
+            why = (
+                f"above the {fmt.name} crossover {100 * cross:.0f}% at batch {batch}"
+                if cross is not None
+                else f"no {fmt.name} crossover measured on {device.type}; pass max_density= "
+                "or calibrate_layers=True"
+            )
+        return "dense", why
 
     report = _convert(out, masks, decide)
     report.batch = batch
