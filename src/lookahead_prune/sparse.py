@@ -102,9 +102,7 @@ class SparseLinear(nn.Module):
             y = torch.mm(self.weight, flat)
         else:
             y = torch.addmm(self.bias.unsqueeze(1), self.weight, flat)
-        # contiguous like nn.Linear's output (callers may .view it); the copy costs ~10% at
-        # batch 60 against returning the transposed view
-        return y.t().contiguous().reshape(*lead, self.out_features)
+        return y.t().reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return (
