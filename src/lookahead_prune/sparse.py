@@ -69,6 +69,11 @@ class SparseLinear(nn.Module):
 
     Inputs may have any number of leading dimensions (tokens); the last is the feature axis.
     For inference: the weight is a buffer, not a parameter.
+
+    For a 2-D input the output is a transposed view (the CSR kernel computes ``W x^T``):
+    elementwise ops keep that layout and the next ``SparseLinear`` reads it without a copy,
+    which made the FCN 10-50% faster than returning a contiguous copy. ``.reshape`` works on
+    it; ``.view`` to another shape raises, so call ``.contiguous()`` first where a model does.
     """
 
     def __init__(self, weight: Tensor, mask: Tensor, bias: Tensor | None) -> None:
