@@ -519,7 +519,10 @@ def prune(
     """Prune ``model`` in place so that a ``keep`` fraction of weights survives; see DESIGN.md.
 
     ``keep`` is one fraction for every prunable layer (or the overall fraction with
-    ``scope='global'``), or a dict from layer name to fraction (other layers are left alone).
+    ``scope='global'``), or a dict from layer name to fraction (other layers are left alone),
+    or an N:M pattern such as ``"2:4"``: in every group of M consecutive weights along each
+    layer's input axis (input channels innermost for convolutions) the N best survive; -seq
+    variants reach N in steps; layers whose input size is not a multiple of M stay dense.
     ``method`` is ``mp``, ``rp``, ``lap``, ``lfp``, ``lbp``, ``lamp``, a data score (``lap-act``,
     ``obd``: pass examples as ``data=(x, y)`` or ``data=x``) or a shorthand such as
     ``lap-forward-seq``; ``order``/``steps`` give LAP-forward/backward and the -seq variants.
