@@ -98,3 +98,24 @@ def test_lap_prune_keep_2_4(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["prune", str(dense), "--keep", "4:4"])
     assert "0 < N < M" in capsys.readouterr().err
+
+
+def test_a_sweep_with_nm_stores_n_m_runs_under_their_own_key(tmp_path):
+    from lookahead_prune.cli import main
+    from lookahead_prune.pipeline import Protocol
+    from lookahead_prune.store import RunStore
+
+    db = tmp_path / "nm.sqlite"
+    args = ["sweep", "--model", "fcn", "--methods", "mp,lap-forward-seq", "--levels", "1",
+            "--seeds", "0", "--train-steps", "20", "--retrain-steps", "5", "--subset", "600",
+            "--db", str(db), "--quiet", "--nm", "2:4"]  # fmt: skip
+    assert main(args) == 0
+    with RunStore(db) as store:
+        rows = store.runs()
+    assert len(rows) == 2 and all(r["nm"] == "2:4" and r["keep"] == 0.5 for r in rows)
+    plain = Protocol(model="fcn", dataset="mnist").run_config("mp", 1)
+    assert "nm" not in plain  # runs stored before the field existed keep their keys
+    with pytest.raises(ValueError, match="0 < N < M"):
+        Protocol(model="fcn", dataset="mnist", nm="4:4")
+    with pytest.raises(ValueError, match="scope 'layer'"):
+        Protocol(model="fcn", dataset="mnist", nm="2:4", scope="global")

@@ -143,6 +143,12 @@ def _add_pruning_args(p: argparse.ArgumentParser, *, retrain: int | None) -> Non
     g.add_argument("--q", type=float, default=None, help="linear keep factor per level")
     g.add_argument("--no-bn", action="store_true", help="LAP without Eq. 9's batch-norm factors")
     g.add_argument("--bn-recalibrate", type=int, default=0, metavar="N", help=BN_RECAL_HELP)
+    g.add_argument(
+        "--nm", default="", metavar="N:M",
+        help="N:M masks (e.g. 2:4: the best 2 of every 4 consecutive input weights) on every "
+        "layer a level prunes, instead of the level's fraction; the level then only labels "
+        "the run, so give one",
+    )  # fmt: skip
     g.add_argument("--graph", default="fx", choices=GRAPH_MODES,
                    help="neighbours from the traced graph (fx; torch.export where fx cannot "
                    "follow), torch.export only, or module order")  # fmt: skip
