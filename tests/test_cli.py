@@ -16,7 +16,7 @@ from lookahead_prune.cli import build_parser, main
 from lookahead_prune.store import RunStore
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("demo", "sweep", "report", "train", "prune")
+COMMANDS = ("demo", "sweep", "report", "train", "prune", "export")
 TINY = ["--train-steps", "20", "--subset", "600"]
 
 

@@ -3,6 +3,8 @@
 >>> import lookahead_prune as lp
 >>> scores = lp.compute_scores(model, method="lap")
 >>> report = lp.prune(model, method="lap", keep=0.05)
+>>> fast = lp.to_sparse(model)            # sparse layers where they pay, masks gone
+>>> lp.save_sparse(model, "model.lap")   # only the surviving weights
 """
 
 from .batchnorm import recalibrate_batchnorm
@@ -10,27 +12,45 @@ from .engines import ENGINES, train_many
 from .graph import GraphError, LayerGraph, build_graph, neighbour_names, register_passthrough
 from .prune import PruneReport, compute_masks, compute_scores, parse_method, prune
 from .scores import SCORES
+from .sparse import (
+    FORMATS,
+    SparseExportError,
+    SparseFormat,
+    SparseLinear,
+    SparseReport,
+    load_sparse,
+    save_sparse,
+    to_sparse,
+)
 from .train import TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ENGINES",
+    "FORMATS",
     "SCORES",
     "GraphError",
     "LayerGraph",
     "PruneReport",
+    "SparseExportError",
+    "SparseFormat",
+    "SparseLinear",
+    "SparseReport",
     "TrainConfig",
     "TrainResult",
     "__version__",
     "build_graph",
     "compute_masks",
     "compute_scores",
+    "load_sparse",
     "neighbour_names",
     "parse_method",
     "prune",
     "recalibrate_batchnorm",
     "register_passthrough",
+    "save_sparse",
+    "to_sparse",
     "train",
     "train_many",
 ]

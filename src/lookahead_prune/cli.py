@@ -1,4 +1,4 @@
-"""The ``lap`` command: demo, train, prune, sweep, report, clean."""
+"""The ``lap`` command: demo, train, prune, export, sweep, report, clean."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DATASETS, DatasetError, load_dataset
 from .engines import ENGINE_CHOICES
 from .graph import GRAPH_MODES
+from .masks import parse_nm
 from .models import model_names
 from .pipeline import RETRAIN_MODES, Protocol, new_model, train_dense
 from .prune import parse_method, prune
@@ -30,6 +31,7 @@ from .report import (
     to_markdown,
 )
 from .scores import SCORES
+from .sparse import SparseExportError, copy_pruned
 from .store import RunStore, StoreError, config_hash
 from .sweep import (
     STEP_FIELDS,
@@ -141,6 +143,12 @@ def _add_pruning_args(p: argparse.ArgumentParser, *, retrain: int | None) -> Non
     g.add_argument("--q", type=float, default=None, help="linear keep factor per level")
     g.add_argument("--no-bn", action="store_true", help="LAP without Eq. 9's batch-norm factors")
     g.add_argument("--bn-recalibrate", type=int, default=0, metavar="N", help=BN_RECAL_HELP)
+    g.add_argument(
+        "--nm", default="", metavar="N:M",
+        help="N:M masks (e.g. 2:4: the best 2 of every 4 consecutive input weights) on every "
+        "layer a level prunes, instead of the level's fraction; the level then only labels "
+        "the run, so give one",
+    )  # fmt: skip
     g.add_argument("--graph", default="fx", choices=GRAPH_MODES,
                    help="neighbours from the traced graph (fx; torch.export where fx cannot "
                    "follow), torch.export only, or module order")  # fmt: skip
@@ -191,6 +199,18 @@ def _protocol(args: argparse.Namespace, model: str, dataset: str, seed: int) -> 
         elif f.name in given:
             values[f.name] = given[f.name]
     return Protocol(**values)
+
+
+def _keep(text: str) -> float | str:
+    """``--keep``: a fraction (``0.05``) or an N:M pattern (``2:4``)."""
+    try:
+        if ":" in text:
+            parse_nm(text)
+            return text
+        return float(text)
+    except ValueError as err:
+        why = str(err) if ":" in text else f"not a number: {text!r}"
+        raise argparse.ArgumentTypeError(why) from None
 
 
 def _seeds(text: str, flag: str = "--seeds") -> list[int]:
@@ -541,6 +561,94 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _masked_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any], tuple[int, ...]]:
+    """The model of a `lap prune --out` (or `lap train --out`) checkpoint with its masks
+    applied, the protocol it records, and the shape of one input."""
+    from torch.nn.utils import prune as torch_prune
+
+    from .data.sources import SOURCES
+    from .models import build_model
+
+    state = load_checkpoint(args.checkpoint, cache=False)
+    if "magic" in state:
+        raise ValueError(f"{args.checkpoint} is already an export; give a file from "
+                         "`lap prune --out`")  # fmt: skip
+    if not isinstance(state.get("state"), dict):
+        raise ValueError(
+            f"{args.checkpoint} holds no model state; give a file from `lap prune --out`"
+        )
+    saved = state.get("protocol", {}) or {}
+    name = saved.get("model") or args.model
+    dataset = saved.get("dataset") or args.dataset
+    if name is None or dataset is None:
+        raise ValueError(f"{args.checkpoint} records no model or dataset; give --model, --dataset")
+    source = SOURCES[dataset]
+    c, h, _ = source.input_shape
+    model = build_model(name, in_channels=c, image_size=h, num_classes=source.num_classes,
+                        activation=saved.get("activation", "relu"))  # fmt: skip
+    weights = state["state"]
+    for key, mask in weights.items():
+        if key.endswith("_mask"):
+            module_name, _, param = key[: -len("_mask")].rpartition(".")
+            try:
+                module = model.get_submodule(module_name)
+            except AttributeError:
+                raise ValueError(f"{args.checkpoint} does not fit model {name!r}: "
+                                 f"no layer {module_name!r}") from None  # fmt: skip
+            torch_prune.custom_from_mask(module, param, mask.bool())
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+        raise ValueError(f"{args.checkpoint} does not fit model {name!r}: {first}") from None
+    return model.eval(), saved, (c, h, h)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a pruned model (from `lap prune --out`) for inference: `--format sparse` writes
+    only the surviving weights (load with lookahead_prune.load_sparse; sparse layers where
+    they are faster), `--format dense` folds the masks into plain weights (a state dict any
+    PyTorch code loads). Prints file sizes and latency before and after."""
+    import io
+
+    import torch
+
+    from .sparse import fold_masks, latency, load_sparse, save_sparse, to_sparse
+
+    model, saved, shape = _masked_model(args)
+    batch = int(saved.get("batch_size") or 60)
+    dense = fold_masks(copy_pruned(model))
+    buffer = io.BytesIO()
+    torch.save(dense.state_dict(), buffer)
+    dense_bytes = buffer.tell()
+    out = Path(args.out)
+    if args.format == "sparse":
+        report = to_sparse(model, batch=batch).sparse_report
+        save_sparse(model, out, batch=batch)
+        after = load_sparse(out)
+        print(report.table())
+    else:
+        save_checkpoint(out, dense.state_dict())
+        after = copy_pruned(dense)
+        after.load_state_dict(torch.load(out, weights_only=True))
+    before_bytes = Path(args.checkpoint).stat().st_size
+    after_bytes = out.stat().st_size
+    print(f"size: {before_bytes / 1e3:.1f} kB ({args.checkpoint}) -> {after_bytes / 1e3:.1f} kB "
+          f"({out}, {args.format}); dense state dict {dense_bytes / 1e3:.1f} kB, "
+          f"the export is {100 * after_bytes / dense_bytes:.1f}% of it")  # fmt: skip
+    torch.set_num_threads(args.threads) if args.threads else None
+    for b in sorted({1, batch}):
+        x = torch.randn(b, *shape)
+        with torch.inference_mode():
+            diff = float((model(x) - after(x)).abs().max())
+        t = latency({"before": model, "after": after}, x, repeats=args.repeats)
+        ratio = t["before"] / t["after"]
+        print(f"latency at batch {b} ({torch.get_num_threads()} thread(s)): masked "
+              f"{1e3 * t['before']:.3f} ms -> {args.format} {1e3 * t['after']:.3f} ms "
+              f"({ratio:.2f}x faster); outputs differ by at most {diff:.1e}")  # fmt: skip
+    return 0
+
+
 def cmd_clean(args: argparse.Namespace) -> int:
     """Delete checkpoints beside a results database that no resume needs (iterative levels
     whose next level is stored, stale temporaries; dense models with --dense)."""
@@ -630,7 +738,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--method", default="lap",
         help=f"one method: {', '.join(sorted(SCORES))}, or e.g. lap-forward-seq",
     )  # fmt: skip
-    pr.add_argument("--keep", type=float, default=0.05, help="fraction of weights to keep")
+    pr.add_argument("--keep", type=_keep, default=0.05,
+                    help="fraction of weights to keep, or N:M (e.g. 2:4: the best 2 of every 4 "
+                    "consecutive input weights)")  # fmt: skip
     pr.add_argument("--scope", default="layer", choices=["layer", "global"],
                     help="keep per layer, or overall under one threshold")  # fmt: skip
     pr.add_argument("--graph", default="fx", choices=GRAPH_MODES,
@@ -645,6 +755,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_score_examples(pr)
     _add_data_args(pr)
 
+    ex = command("export", cmd_export)
+    ex.add_argument("checkpoint", help="a checkpoint written by lap prune --out")
+    ex.add_argument("--out", required=True, help="file to write")
+    ex.add_argument("--format", default="sparse", choices=["sparse", "dense"],
+                    help="sparse: surviving weights only (lookahead_prune.load_sparse); "
+                    "dense: masks folded into a plain state dict")  # fmt: skip
+    ex.add_argument("--model", default=None, choices=model_names(),
+                    help="architecture, for checkpoints that do not record it")  # fmt: skip
+    ex.add_argument("--dataset", default=None, choices=DATASETS,
+                    help="input shape, for checkpoints that do not record it")  # fmt: skip
+    ex.add_argument("--repeats", type=int, default=15, help="latency repeats (medians)")
+    ex.add_argument("--threads", type=int, default=0,
+                    help="torch threads while measuring latency (0: torch's default)")  # fmt: skip
+
     cl = command("clean", cmd_clean)
     cl.add_argument("--db", default="results.sqlite", help="results database of the sweep")
     cl.add_argument("--workdir", default=None, help="checkpoint folder (None: <db>-checkpoints)")
@@ -658,7 +782,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, DatasetError, FileNotFoundError, StoreError, CheckpointError) as exc:
+    except (ValueError, DatasetError, FileNotFoundError, StoreError, CheckpointError,
+            SparseExportError) as exc:  # fmt: skip
         print(f"lap {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

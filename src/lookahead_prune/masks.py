@@ -177,3 +177,49 @@ def apply_mask(module: nn.Module, mask: Tensor, name: str = "weight") -> None:
     weight = getattr(module, name)
     mask = mask.to(device=weight.device, dtype=weight.dtype)
     torch_prune.custom_from_mask(module, name, mask)
+
+
+def parse_nm(spec: str) -> tuple[int, int]:
+    """``"2:4"`` -> ``(2, 4)``: N of every M consecutive weights survive (0 < N < M)."""
+    parts = spec.split(":") if isinstance(spec, str) else []
+    try:
+        n, m = (int(p.strip()) for p in parts)
+    except ValueError:
+        raise ValueError(
+            f"an N:M keep must look like '2:4' (N of every M weights survive), not {spec!r}"
+        ) from None
+    if not 0 < n < m:
+        raise ValueError(f"an N:M keep needs 0 < N < M (e.g. '2:4'), got {spec!r}")
+    return n, m
+
+
+def nm_groups_fit(canonical_shape: tuple[int, ...], m: int) -> bool:
+    """Whether the input axis (dim 1 of the canonical view) splits into groups of ``m``."""
+    return len(canonical_shape) >= 2 and canonical_shape[1] % m == 0
+
+
+def _grouped(t: Tensor, m: int) -> Tensor:
+    """``[out, in, *k]`` -> ``[groups, m]`` with M consecutive inputs per group, inputs innermost
+    (``[out, *k, in]`` order, as NVIDIA's sparse tensor cores read a conv's channels)."""
+    return t.movedim(1, -1).reshape(-1, m)
+
+
+def _ungrouped(g: Tensor, like: Tensor) -> Tensor:
+    moved = like.movedim(1, -1).shape
+    return g.reshape(moved).movedim(-1, 1)
+
+
+def nm_mask(scores: Tensor, n: int, m: int, alive: Tensor | None = None) -> Tensor:
+    """Bool mask keeping, in every group of ``m`` consecutive weights along the input axis of
+    a canonical ``[out, in, *k]`` tensor, the ``n`` highest-scoring alive ones (ties go to the
+    lowest index). Groups with fewer than ``n`` alive weights keep those."""
+    flat = scores.detach()
+    flat = flat.float() if flat.dtype != torch.float64 else flat
+    g = _grouped(flat, m)
+    if alive is not None:
+        g = torch.where(_grouped(alive.bool(), m), g, torch.full_like(g, float("-inf")))
+    order = torch.sort(g, dim=1, descending=True, stable=True).indices[:, :n]
+    keep = torch.zeros_like(g, dtype=torch.bool).scatter_(1, order, True)
+    if alive is not None:
+        keep &= _grouped(alive.bool(), m)
+    return _ungrouped(keep, scores)

@@ -21,6 +21,7 @@ from .data import ImageDataset
 from .data.sources import SOURCES
 from .engines import ENGINE_CHOICES, train_many
 from .graph import GRAPH_MODES, prunable_layers
+from .masks import parse_nm
 from .models import build_model, dense_layer_names
 from .models.activations import ACTIVATIONS
 from .progress import progress_bar
@@ -115,6 +116,7 @@ class Protocol:
     # crop+flip training batches; None: the dataset's default (CIFAR-10, Tiny-ImageNet: on)
     augment: bool | None = field(default=None, metadata=ADDED | {"key_default": False})
     bn_recalibrate: int = field(default=0, metadata=ADDED)  # batches re-estimating BN after pruning
+    nm: str = field(default="", metadata=ADDED)  # "2:4": N:M masks instead of the level's fraction
     channels_last: bool = field(default=False, metadata=RUNTIME)
     compile: bool = field(default=False, metadata=RUNTIME)
     engine: str = field(default="auto", metadata=RUNTIME)  # how retraining groups compute
@@ -160,6 +162,10 @@ class Protocol:
             raise ValueError(f"retrain must be one of {RETRAIN_MODES}, not {self.retrain!r}")
         if self.scope not in ("layer", "global"):
             raise ValueError(f"scope must be 'layer' or 'global', not {self.scope!r}")
+        if self.nm:
+            parse_nm(self.nm)  # a malformed pattern fails before anything runs
+            if self.scope != "layer":
+                raise ValueError(f"nm={self.nm!r} is per group of weights; use scope 'layer'")
         if self.mode not in PRUNE_MODES:
             raise ValueError(f"mode must be one of {PRUNE_MODES}, not {self.mode!r}")
         if self.train_steps < 0 or self.retrain_steps < 0:
@@ -383,9 +389,11 @@ def prune_and_retrain_many(
         dense_names = dense_layer_names(model) + tuple(
             excluded_layers(prunable_layers(model), protocol.exclude)
         )
-        keep: float | dict[str, float] = level_keep(model, level, p, q, dense=dense_names)
-        layers = None
-        if protocol.scope == "global":  # the same overall budget, spread by one threshold
+        keep: float | str | dict[str, float] = level_keep(model, level, p, q, dense=dense_names)
+        layers, exclude = None, protocol.exclude
+        if protocol.nm:  # N:M on every layer the level would prune; the level only labels
+            keep, exclude = protocol.nm, tuple(dense_names)
+        elif protocol.scope == "global":  # the same overall budget, spread by one threshold
             layers = list(keep)
             keep = kept_fraction(model, keep)
         reports.append(
@@ -397,7 +405,7 @@ def prune_and_retrain_many(
                 layers=layers,
                 bn=protocol.bn,
                 graph=protocol.graph,
-                exclude=protocol.exclude,
+                exclude=exclude,
                 seed=protocol.seed,
                 data=_score_data(protocol, method, data),
             )

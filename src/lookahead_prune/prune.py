@@ -31,7 +31,16 @@ from .graph import (
     weight_name,
 )
 from .graph.capture import ExampleInputs
-from .masks import apply_mask, current_mask, effective_weight, global_masks, top_k_mask
+from .masks import (
+    apply_mask,
+    current_mask,
+    effective_weight,
+    global_masks,
+    nm_groups_fit,
+    nm_mask,
+    parse_nm,
+    top_k_mask,
+)
 from .masks import is_masked as masks_is_masked
 from .scores import SCORES, Neighbourhood, scale_rows, score_function, score_spec
 
@@ -39,7 +48,7 @@ ORDERS = ("base", "forward", "backward")
 SCOPES = ("layer", "global")
 SEQ_STEPS = 5  # the paper's -seq variants split the budget into five rounds
 
-Keep = float | Mapping[str, float]
+Keep = float | str | Mapping[str, float]  # a str is an N:M pattern: "2:4"
 
 
 @dataclass(frozen=True)
@@ -190,7 +199,8 @@ def _check_fraction(value: object, where: str) -> float:
     if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
         value = value.item()  # 0-d tensor or array (NumPy scalars give their Python value too)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{where} must be a number in (0, 1], not {value!r}")
+        nm = " or an N:M pattern such as '2:4'" if where == "keep" else ""
+        raise TypeError(f"{where} must be a number in (0, 1]{nm}, not {value!r}")
     value = float(value)
     if math.isnan(value) or not 0.0 < value <= 1.0:
         raise ValueError(f"{where} must be in (0, 1], got {value!r}")
@@ -409,6 +419,11 @@ def compute_masks(
     if not modules:
         raise ValueError(f"{type(model).__name__} has no prunable layers (nn.Linear/Conv).")
     skip = excluded_layers(modules, exclude)
+    nm = parse_nm(keep) if isinstance(keep, str) and ":" in keep else None
+    if nm is not None:
+        if scope != "layer":
+            raise ValueError(f"an N:M keep ({keep!r}) is per group of weights; use scope='layer'")
+        keep = nm[0] / nm[1]
     targets = _targets(keep, list(modules), layers)
     asked = set(keep) if isinstance(keep, Mapping) else set(layers or ())
     if asked & skip:
@@ -425,6 +440,8 @@ def compute_masks(
         if why:
             raise ValueError(f"layer '{n}': {why}, or pass exclude=['{n}'] to leave it dense")
     weights = _canonical_weights(modules)  # read-only, viewed [out, in/groups, ...]
+    if nm is not None:  # layers whose input axis does not split into groups of M stay dense
+        targets = {n: v for n, v in targets.items() if nm_groups_fit(weights[n].shape, nm[1])}
     _check_finite(weights)
     alive = {n: canonical(modules[n], _mask_of(modules[n])) for n in targets}
     layer_graph = _graph_for(spec.score, model, graph, example_inputs, skip, strict)
@@ -470,6 +487,16 @@ def compute_masks(
                 weights = weights | {n: weights[n] * alive[n] for n in targets}
         return _own_layout(modules, alive), spec
     plans = {n: _schedule(finals[n], start[n], spec.steps) for n in targets}
+    if nm is not None:  # survivors per group of M, reaching N in spec.steps rounds
+        per_group = _schedule(nm[0], nm[1], spec.steps)
+
+        def select(n: str, score: Tensor, step: int) -> Tensor:
+            return nm_mask(score, per_group[step], nm[1], alive[n])
+    else:
+
+        def select(n: str, score: Tensor, step: int) -> Tensor:
+            return top_k_mask(score, plans[n][step], alive[n])
+
     ordered = [n for n in layer_graph.names() if n in targets]
     if spec.order == "backward":
         ordered.reverse()
@@ -480,7 +507,7 @@ def compute_masks(
                 ordered, spec.score, layer_graph, weights, bn, generator, measured
             )
             for n in ordered:
-                alive[n] = top_k_mask(scores[n], plans[n][step], alive[n])
+                alive[n] = select(n, scores[n], step)
             if not last:
                 weights = weights | {n: weights[n] * alive[n] for n in ordered}
         else:
@@ -488,7 +515,7 @@ def compute_masks(
                 score = _score_layers(
                     [n], spec.score, layer_graph, weights, bn, generator, measured
                 )[n]
-                alive[n] = top_k_mask(score, plans[n][step], alive[n])
+                alive[n] = select(n, score, step)
                 if not (last and i + 1 == len(ordered)):
                     weights = weights | {n: weights[n] * alive[n]}
     return _own_layout(modules, alive), spec
@@ -515,7 +542,10 @@ def prune(
     """Prune ``model`` in place so that a ``keep`` fraction of weights survives; see DESIGN.md.
 
     ``keep`` is one fraction for every prunable layer (or the overall fraction with
-    ``scope='global'``), or a dict from layer name to fraction (other layers are left alone).
+    ``scope='global'``), or a dict from layer name to fraction (other layers are left alone),
+    or an N:M pattern such as ``"2:4"``: in every group of M consecutive weights along each
+    layer's input axis (input channels innermost for convolutions) the N best survive; -seq
+    variants reach N in steps; layers whose input size is not a multiple of M stay dense.
     ``method`` is ``mp``, ``rp``, ``lap``, ``lfp``, ``lbp``, ``lamp``, a data score (``lap-act``,
     ``obd``: pass examples as ``data=(x, y)`` or ``data=x``) or a shorthand such as
     ``lap-forward-seq``; ``order``/``steps`` give LAP-forward/backward and the -seq variants.
@@ -567,6 +597,16 @@ def prune(
             "network is cut there and its output no longer depends on the input",
             stacklevel=2,
         )
+    nm_dense: tuple[tuple[str, str], ...] = ()
+    if isinstance(keep, str):  # an N:M pattern (compute_masks refused anything else)
+        m = parse_nm(keep)[1]
+        nm_dense = tuple(
+            (f"{n}.{weight_name(mod)}", f"input size not a multiple of {m} for {keep}")
+            for n, mod in modules.items()
+            if n not in masks
+            and not nm_groups_fit(tuple(canonical(mod, _mask_of(mod)).shape), m)
+            and n not in excluded_layers(modules, exclude)
+        )
     approximated = ()
     cached = _graph_cache_entry(model)
     if cached is not None and score_spec(spec.score).needs_neighbours:
@@ -577,7 +617,12 @@ def prune(
         spec.steps,
         scope,
         tuple(results),
-        dense_weights(model, set(masks), excluded_layers(modules, exclude)),
+        tuple(
+            d
+            for d in dense_weights(model, set(masks), excluded_layers(modules, exclude))
+            if d[0] not in dict(nm_dense)
+        )
+        + nm_dense,
         approximated,
         tuple(left),
     )

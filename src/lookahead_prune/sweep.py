@@ -103,7 +103,7 @@ class Sweep:
         layers = prunable_layers(net)
         dense = dense_layer_names(net) + tuple(excluded_layers(layers, protocol.exclude))
         p, q = protocol.pq
-        for level in self.levels:
+        for level in self.levels if not protocol.nm else ():  # N:M keeps N of M everywhere
             keep = level_keep(net, level, p, q, dense=dense)
             counts = {n: round(k * layers[n].weight.numel()) for n, k in keep.items()}
             empty = [n for n, kept in counts.items() if kept == 0]

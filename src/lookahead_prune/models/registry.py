@@ -112,12 +112,16 @@ def build_model(
         "activation": activation,
     }
     if seed is None:
-        return MODELS[name](**kwargs)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int or None, got {seed!r}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return MODELS[name](**kwargs)
+        model = MODELS[name](**kwargs)
+    else:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int or None, got {seed!r}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = MODELS[name](**kwargs)
+    # The recipe, so a compact file (lp.save_sparse) can rebuild the architecture by itself.
+    model.lap_architecture = {"name": name, **kwargs}
+    return model
 
 
 def dense_layer_names(model: nn.Module) -> tuple[str, ...]:
