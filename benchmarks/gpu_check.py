@@ -183,7 +183,8 @@ def agreement(
     x, y = fake_data(3000, device)
     x_cpu, y_cpu = x.cpu(), y.cpu()
     probe = x[-500:] if device.type == "cuda" else x[-50:]  # eval is slow on a CPU
-    jobs = [("mp", 0.1), ("lap", 0.1), ("lap", 0.3), ("lap-forward", 0.2)][:copies]
+    jobs = [("mp", 0.1), ("lap", 0.1), ("lap-forward-seq", 0.3), ("lap-backward-seq", 0.2)]
+    jobs = jobs[:copies]  # every pruning path the Conv-6 sweep takes, on the device
     config = TrainConfig(steps=steps, lr=LR, batch_size=batch, seed=0)
 
     tolerance = dict(TOL)

@@ -22,9 +22,11 @@ backup, consistent under WAL) and the checkpoints go to ``$OUT/sweep`` again.
 
 Environment: ``OUT`` (where state goes; none: not copied), ``DEADLINE_AT`` (epoch seconds) or
 ``DEADLINE`` (seconds from now; default 540), ``DEVICE`` (cuda), ``PRECISION`` (fp32: PyTorch's
-default, convolutions in TF32; or bf16), ``STAGES`` ("conv6 vgg11 resnet18"), ``DB``
-(results/fmnist-gpu.sqlite), ``DRY=1`` (a CPU rehearsal of the whole path: 20 + 10 steps, batch
-12, two levels, 200 evaluation images, database runs/fmnist-gpu-dry.sqlite).
+default, convolutions in TF32; bf16: autocast; auto, the default: see :func:`pick_precision`),
+``CHECK_JSON`` (gpu_check.json of this machine, for auto), ``STAGES`` ("conv6 vgg11
+resnet18"), ``DB`` (results/fmnist-gpu.sqlite), ``DRY=1`` (a CPU rehearsal of the whole path:
+20 + 10 steps, batch 12, two levels, 200 evaluation images, database
+runs/fmnist-gpu-dry.sqlite).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from torch.nn.utils import prune as torch_prune
 from lookahead_prune.batched import train_batched
 from lookahead_prune.data import load_dataset
 from lookahead_prune.pipeline import (
+    DenseModel,
     Protocol,
     _test_set,
     dense_model,
@@ -99,7 +102,7 @@ class Call:
         self.db = ROOT / os.environ.get("DB", default_db)
         self.workdir = self.db.with_name(self.db.stem + "-checkpoints")
         self.device = os.environ.get("DEVICE", "cpu" if self.dry else "cuda")
-        self.precision = os.environ.get("PRECISION", "fp32")
+        self.precision = os.environ.get("PRECISION", "auto")  # per stage: see pick_precision
         self.stages = os.environ.get("STAGES", "conv6 vgg11 resnet18").split()
         out = os.environ.get("OUT")
         self.out = Path(out) / "sweep" if out else None
@@ -254,15 +257,77 @@ def probe_group(protocol: Protocol, dense: Any, data: Any, level: int, copies: i
     return protocol.retrain_steps * per_step + copies * per_model, per_step
 
 
+def measured_ms(check: dict[str, Any], model: str, precision: str, engine: str, copies: int):
+    """ms per step the check measured for the smallest group of at least ``copies``, or None."""
+    rows = [r for r in check.get("throughput", []) if r.get("status") == "ok"
+            and (r["model"], r["precision"], r["engine"]) == (model, precision, engine)
+            and r["copies"] >= copies]  # fmt: skip
+    return min(rows, key=lambda r: r["copies"])["ms_per_step"] if rows else None
+
+
+def pick_precision(call: Call, stage: Stage, templates: dict[str, Protocol], levels) -> str:
+    """``PRECISION=auto``: the precision a stage already started with (its dense checkpoint or
+    stored runs), else fp32 when the check (``CHECK_JSON``) says that dense training and one
+    group of all copies end in the time left, else bf16 (faster); fp32 without measurements."""
+    for precision, template in templates.items():
+        protocol = template
+        if _dense_path(call.workdir, protocol).exists():
+            return precision
+        with RunStore(call.db) as store:
+            if any(store.has(config_hash(run_config(protocol, m, lv, levels)))
+                   for m in stage.methods for lv in levels):  # fmt: skip
+                return precision
+    path = os.environ.get("CHECK_JSON", "")
+    if not path or not Path(path).is_file():
+        return "fp32"
+    check = json.loads(Path(path).read_text())
+    copies = len(levels) * len(stage.methods)
+    template = templates["fp32"]
+    measured = False
+    for precision in ("fp32", "bf16"):
+        dense = measured_ms(check, stage.model, precision, "sequential", 1) or measured_ms(
+            check, stage.model, "fp32", "sequential", 1)  # fmt: skip
+        group = measured_ms(check, stage.model, precision, "vmap", copies)
+        if dense is None or group is None:
+            continue
+        measured = True
+        estimate = (template.train_steps * dense + template.retrain_steps * group) / 1000
+        estimate += copies + 30  # pruning and evaluation, probes
+        call.event(
+            stage=stage.model,
+            what="precision estimate from the check",
+            precision=precision,
+            estimate_s=round(estimate),
+            left_s=round(call.left()),
+        )
+        if call.fits(estimate):
+            return precision
+    return "bf16" if measured else "fp32"
+
+
 def run_stage(call: Call, stage: Stage) -> bool:
     """Do what fits of one stage; True when the stage is complete."""
     levels = stage.dry_levels if call.dry else stage.levels
     train_steps, retrain_steps = (20, 10) if call.dry else PAPER_STEPS[stage.model]
-    template = Protocol(
-        model=stage.model, dataset="fashion-mnist", seed=0, train_steps=train_steps,
-        retrain_steps=retrain_steps, precision=call.precision, engine="vmap",
-        batch_size=12 if call.dry else 60, eval_examples=200 if call.dry else None,
-    )  # fmt: skip
+    templates = {
+        precision: Protocol(
+            model=stage.model,
+            dataset="fashion-mnist",
+            seed=0,
+            train_steps=train_steps,
+            retrain_steps=retrain_steps,
+            precision=precision,
+            engine="vmap",
+            batch_size=12 if call.dry else 60,
+            eval_examples=200 if call.dry else None,
+        )
+        for precision in ("fp32", "bf16")
+    }
+    precision = call.precision
+    if precision == "auto":
+        precision = pick_precision(call, stage, templates, levels)
+    call.event(stage=stage.model, what="precision", precision=precision, asked=call.precision)
+    template = templates[precision]
     sweep = Sweep(template, [stage.model], ["fashion-mnist"], stage.methods, levels, [0])
     protocol = sweep.protocols()[0]
 
@@ -277,8 +342,21 @@ def run_stage(call: Call, stage: Stage) -> bool:
         call.event(stage=stage.model, what="complete", runs=len(levels) * len(stage.methods))
         return True
     data = load_dataset("fashion-mnist", device=call.device)
+    probes: dict[int, tuple[float, float]] = {}  # copies -> (estimated s, s per step)
     if not _dense_path(call.workdir, protocol).exists():
         estimate = probe_dense(protocol, data, call.dry)
+        model = new_model(protocol, data)
+        size = 3 * 4 * sum(p.numel() for p in model.parameters())  # state, init, rewind
+        if size > CKPT_LIMIT:  # its checkpoint cannot travel: dense and groups in this call
+            untrained = DenseModel(*[{k: v.cpu() for k, v in model.state_dict().items()}] * 3,
+                                   0.0, 0.0, 0.0, 0.0)  # fmt: skip
+            copies = len(levels) * len(todo)
+            probes[copies] = probe_group(protocol, untrained, data, max(levels), copies, call.dry)
+            group = probes[copies][0]
+            call.event(stage=stage.model, what="checkpoint too large to carry: dense and all "
+                       "groups must fit in this call", dense_s=round(estimate),
+                       group_s=round(group), copies=copies)  # fmt: skip
+            estimate += group
         if not call.fits(estimate):
             call.event(stage=stage.model, what="dense: does not fit, left for the next call",
                        estimate_s=round(estimate), left_s=round(call.left()))  # fmt: skip
@@ -289,7 +367,6 @@ def run_stage(call: Call, stage: Stage) -> bool:
                    estimate_s=round(estimate), test_acc=dense.test_acc)  # fmt: skip
         call.send_back()
     dense, _ = get_dense(protocol, data, call.workdir)
-    probes: dict[int, tuple[float, float]] = {}
     while todo := missing():
         chosen = None
         for n in range(len(todo), 0, -1):  # the largest group of whole methods that fits
