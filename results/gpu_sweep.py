@@ -399,6 +399,15 @@ def run_stage(call: Call, stage: Stage) -> bool:
     return True
 
 
+def check_failures() -> list[str]:
+    """Agreement cases of the check (``CHECK_JSON``) that the sweep relies on and that failed."""
+    path = os.environ.get("CHECK_JSON", "")
+    if not path or not Path(path).is_file():
+        return []
+    cases = json.loads(Path(path).read_text()).get("agreement", [])
+    return [c["case"] for c in cases if c["case"] == "vmap-vs-sequential-fp32" and not c["pass"]]
+
+
 def main() -> int:
     call = Call()
     os.environ.setdefault("LAP_DATA", str(CARRY if (CARRY / "fashion-mnist").is_dir()
@@ -409,6 +418,11 @@ def main() -> int:
         call.status["gpu"] = torch.cuda.get_device_name()
         call.status["torch"] = torch.__version__
     call.restore()
+    failed = check_failures()
+    if failed:
+        call.event(what="the check says vmap disagrees with train() here: no sweep", cases=failed)
+        call.send_back()
+        return 1
     try:
         for name in call.stages:
             if not run_stage(call, STAGES[name]):
