@@ -21,7 +21,8 @@ summation order, so the max alone is no verdict.
 60, Adam, pruned with MP to 10% per layer, the masked path retraining uses), for groups of 1,
 8, 32, 42 (the Conv-6 sweep's group) and 63 copies: ``sequential`` (``train()``, one model:
 the dense-training rate) and ``vmap``. A warm-up call (cuDNN algorithm choice) comes first,
-then a timed call, CUDA-synchronised before and after; model-steps/s = copies x steps / s,
+then a timed call, CUDA-synchronised before and after, with ``torch.backends.cudnn.benchmark``
+on as the sweep trains (``CUDNN_BENCHMARK=0``: off); model-steps/s = copies x steps / s,
 peak memory is ``torch.cuda.max_memory_allocated`` during the timed call (the 200 MB of data
 included). Each configuration is capped (``--config-cap`` seconds, steps shrink to fit) and
 the whole run too (``--budget``): what does not fit is recorded as ``skipped: time cap``.
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import time
 import traceback
@@ -345,7 +347,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"{100 * r['param_share_above_0.1lr']:.3f}% | {'yes' if r['pass'] else 'NO'} |"
         )
     lines += ["", "Cases: " + "; ".join(f"{r['case']}: {r['what']}" for r in report["agreement"]),
-              "", "## (b) Throughput, batch " + str(report["batch"]), "",
+              "", f"## (b) Throughput, batch {report['batch']}, cuDNN benchmark "
+              f"{report.get('cudnn_benchmark_in_throughput')}", "",
               "| precision | model | engine | copies | model-steps/s | ms/step | peak GiB | "
               "steps timed | status |",
               "|---|---|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
@@ -394,6 +397,9 @@ def main() -> None:
         print(section, json.dumps(shown, default=str), flush=True)
 
     agreement(device, steps, batch, record, copies=2 if args.dry_run else 4)
+    # as results/gpu_sweep.py trains: cuDNN times its algorithms once per shape (CUDNN_BENCHMARK)
+    torch.backends.cudnn.benchmark = os.environ.get("CUDNN_BENCHMARK", "1") == "1"
+    report["cudnn_benchmark_in_throughput"] = torch.backends.cudnn.benchmark
     throughput(device, plan, batch, args.max_steps, args.config_cap, deadline, record)
     report["seconds"] = time.perf_counter() - start
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))

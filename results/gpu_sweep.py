@@ -415,6 +415,10 @@ def main() -> int:
     call.log(f"deadline in {call.left():.0f} s; device {call.device}; precision "
              f"{call.precision}; db {call.db}; data {os.environ['LAP_DATA']}")  # fmt: skip
     if call.device.startswith("cuda"):
+        # fixed shapes (batch 60, evaluation batches of 1000): cuDNN's timed choice pays, most
+        # for the grouped convolutions vmap makes; a runtime choice, never part of a run's key
+        torch.backends.cudnn.benchmark = os.environ.get("CUDNN_BENCHMARK", "1") == "1"
+        call.status["cudnn_benchmark"] = torch.backends.cudnn.benchmark
         call.status["gpu"] = torch.cuda.get_device_name()
         call.status["torch"] = torch.__version__
     call.restore()
