@@ -120,3 +120,15 @@ def test_batched_bf16_autocasts_like_train():
     for a, b, c in zip(separate, batched, fp32, strict=True):
         # batched bf16 is train()'s bf16 (up to summation order), not fp32
         assert _max_diff(a, b) < _max_diff(b, c)
+
+
+def test_batched_takes_gpu_flags_it_does_not_apply():
+    """channels_last and compile are runtime choices the vmap loop ignores (the stacked weights
+    have a model dimension); a sweep that asks for them with engine vmap still trains alike."""
+    x, y = _data(120)
+    plain, flagged = _pruned_copies()[:2], _pruned_copies()[:2]
+    train_batched(plain, x, y, TrainConfig(steps=2, lr=1e-3))
+    config = TrainConfig(steps=2, lr=1e-3, channels_last=True, compile=True)
+    train_batched(flagged, x.contiguous(memory_format=torch.channels_last), y, config)
+    for a, b in zip(plain, flagged, strict=True):
+        assert _max_diff(a, b) < 1e-6
