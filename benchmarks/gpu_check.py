@@ -151,8 +151,11 @@ def pruned_copies(name: str, device: torch.device, jobs: list[tuple[str, float]]
 
 def clone_pruned(name: str, base: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """A copy of a pruned model (``copy.deepcopy`` refuses the hooks' computed weights)."""
-    with device:  # initialised on the device: 63 VGG-11s in seconds, not a quarter-minute
-        model = build_model(name)
+    try:
+        with device:  # initialised on the device: 63 VGG-11s in seconds, not a quarter-minute
+            model = build_model(name)
+    except Exception:  # a model that cannot be built there: on the CPU, then moved
+        model = build_model(name).to(device)
     for module_name, module in base.named_modules():
         if hasattr(module, "weight_mask"):
             torch_prune.custom_from_mask(model.get_submodule(module_name), "weight",
