@@ -130,11 +130,12 @@ def versus_paper(model: str, rows: list[dict[str, Any]]) -> str:
                     paper_text += f" ({paper_gain:+.1f}%)"
                     if gain is not None:
                         same = (gain < 0) == (paper_gain < 0)
-                        wins.setdefault(method, []).append("=" if same else "≠")
+                        mark = "·" if gain == 0 else "=" if same else "≠"
+                        wins.setdefault(method, []).append(mark)
             row.append(f"{text}<br>paper {paper_text}")
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Does the method's sign vs MP (better or worse after retraining) agree with the "
-              "paper's, level by level (= agrees, ≠ differs)?", ""]  # fmt: skip
+              "paper's, level by level (= agrees, ≠ differs, · a tie here)?", ""]  # fmt: skip
     for method, marks in wins.items():
         agree = marks.count("=")
         lines.append(f"- {method_label(method)}: {' '.join(marks)} ({agree}/{len(marks)})")
