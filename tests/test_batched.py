@@ -59,12 +59,48 @@ def test_batched_equals_separate_runs(seeds):
     assert _max_diff(untrained, batched[0]) > 1e-3  # training did move the weights
 
 
-def test_batched_refuses_batchnorm_and_mismatched_models():
+def _bn_net(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(4),
+        nn.Flatten(), nn.Linear(4 * 7 * 7, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10),
+    )  # fmt: skip
+
+
+def test_batched_trains_batchnorm_nets_as_separate_runs():
+    """Batch norm's running statistics are per model (stacked buffers) and come back with the
+    weights, so evaluation after vmap training sees each model's own statistics."""
+    x, y = _data(240)
+    x = x.double()
+    config = TrainConfig(steps=6, lr=1e-3, seed=0)
+    separate, batched = [], []
+    for keep in (0.2, 0.5, 0.8):
+        for out in (separate, batched):
+            model = _bn_net(0).double()
+            lp.prune(model, "lap", keep)
+            out.append(model)
+    for model in separate:
+        train(model, x, y, config)
+    assert batchable(batched)
+    train_batched(batched, x, y, config)
+    for a, b in zip(separate, batched, strict=True):
+        assert _max_diff(a, b) < 0.01 * config.lr
+        for (name, ba), bb in zip(a.named_buffers(), b.buffers(), strict=True):
+            assert torch.allclose(ba.double(), bb.double(), atol=1e-9), name
+        assert int(b[1].num_batches_tracked) == config.steps
+        a.eval(), b.eval()
+        assert torch.allclose(a(x[:50]), b(x[:50]), atol=1e-8)
+    assert not torch.equal(batched[0][1].running_mean, batched[2][1].running_mean)
+
+
+def test_batched_refuses_dropout_and_mismatched_models():
     x, y = _data(120)
-    vgg = [build_model("vgg11"), build_model("vgg11")]
-    assert not batchable(vgg)
-    with pytest.raises(ValueError, match="BatchNorm"):
-        train_batched(vgg, x, y, TrainConfig(steps=1, lr=1e-3))
+    dropout = [torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(), torch.nn.Linear(784, 10))
+               for _ in range(2)]  # fmt: skip
+    assert not batchable(dropout)
+    with pytest.raises(ValueError, match="Dropout"):
+        train_batched(dropout, x, y, TrainConfig(steps=1, lr=1e-3))
     mixed = [build_model("fcn"), build_model("linear")]
     assert not batchable(mixed)
     with pytest.raises(ValueError, match="one architecture"):
@@ -84,3 +120,15 @@ def test_batched_bf16_autocasts_like_train():
     for a, b, c in zip(separate, batched, fp32, strict=True):
         # batched bf16 is train()'s bf16 (up to summation order), not fp32
         assert _max_diff(a, b) < _max_diff(b, c)
+
+
+def test_batched_takes_gpu_flags_it_does_not_apply():
+    """channels_last and compile are runtime choices the vmap loop ignores (the stacked weights
+    have a model dimension); a sweep that asks for them with engine vmap still trains alike."""
+    x, y = _data(120)
+    plain, flagged = _pruned_copies()[:2], _pruned_copies()[:2]
+    train_batched(plain, x, y, TrainConfig(steps=2, lr=1e-3))
+    config = TrainConfig(steps=2, lr=1e-3, channels_last=True, compile=True)
+    train_batched(flagged, x.contiguous(memory_format=torch.channels_last), y, config)
+    for a, b in zip(plain, flagged, strict=True):
+        assert _max_diff(a, b) < 1e-6

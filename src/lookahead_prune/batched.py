@@ -4,7 +4,9 @@ The copies that a sweep retrains (methods x levels, or seeds) differ only in wei
 so we stack their parameters (``torch.func.stack_module_state``) and run one vectorised
 forward/backward (``vmap`` over ``functional_call``). Adam and SGD act element-wise, so one
 optimiser over the stacked tensors is exactly K separate optimisers. Each model draws its own
-batches from its own seed; models with the same seed share one batch (no copy).
+batches from its own seed; models with the same seed share one batch (no copy). Buffers are
+stacked too, so batch norm keeps per-model running statistics (updated in place under vmap)
+and they are copied back with the weights.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from .train import TrainConfig, TrainResult, batch_stream, lr_at
 
@@ -52,10 +53,10 @@ def _check_models(models: Sequence[nn.Module]) -> None:
         )
     for m in models:
         for name, module in m.named_modules():
-            if isinstance(module, _BatchNorm | nn.Dropout):
+            if isinstance(module, nn.modules.dropout._DropoutNd):
                 raise ValueError(
-                    f"module '{name}' ({type(module).__name__}) keeps per-model state or "
-                    "randomness that vmap does not batch here; use train() per model"
+                    f"module '{name}' ({type(module).__name__}) draws randomness that vmap "
+                    "does not batch here; use train() per model"
                 )
 
 
@@ -150,5 +151,7 @@ def train_batched(
         for i, model in enumerate(models):
             for name, p in model.named_parameters():
                 p.copy_(params[name][i])
+            for name, b in model.named_buffers():  # batch-norm statistics (masks: unchanged)
+                b.copy_(buffers[name][i])
     final = torch.stack(tail).mean(0).tolist() if tail else [math.nan] * len(models)
     return [TrainResult(config.steps, loss, wall, {}) for loss in final]
