@@ -125,16 +125,33 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (None: cuda if present)")
 
 
-def _add_pruning_args(p: argparse.ArgumentParser, *, retrain: int | None) -> None:
+RETRAIN_HELP = (
+    "how the pruned model retrains (Renda et al., 2020): finetune (t = --retrain-steps steps at "
+    "the final rate), rewind-lr (t steps at the rates of training's last t), rewind-weights "
+    "(weights of step k = --rewind-step, then training's steps k..T-1: T - k steps), lottery "
+    "(rewind-weights to k = 0: T steps); Adam's state starts afresh"
+)
+
+
+def _add_pruning_args(
+    p: argparse.ArgumentParser, *, retrain: int | None, several: bool = False
+) -> None:
     """Options of pruning and retraining: what sweeps and the demo take beyond training."""
     g = p.add_argument_group("pruning and retraining")
     g.add_argument(
         "--retrain-steps", type=int, default=retrain,
-        help="steps of retraining" + (f" ({PAPER_STEPS_HELP})" if retrain is None else ""),
+        help="steps of retraining" + (f" ({PAPER_STEPS_HELP})" if retrain is None else "")
+        + "; the budget t of finetune and rewind-lr (rewind-weights and lottery retrain T - k)",
     )  # fmt: skip
-    g.add_argument("--retrain", default="finetune", choices=RETRAIN_MODES,
-                   help="what retraining starts from")  # fmt: skip
-    g.add_argument("--rewind-step", type=int, default=0, help="step rewind-weights returns to")
+    if several:
+        g.add_argument("--retrain", default="finetune", help=RETRAIN_HELP + "; comma-separated: "
+                       "every mode for every run, from one dense model, in one group")  # fmt: skip
+        g.add_argument("--dense-snapshots", default="",
+                       help="further comma-separated steps at which dense models keep their "
+                       "weights, for later weight-rewinding sweeps over them")  # fmt: skip
+    else:
+        g.add_argument("--retrain", default="finetune", choices=RETRAIN_MODES, help=RETRAIN_HELP)
+    g.add_argument("--rewind-step", type=int, default=0, help="step k rewind-weights returns to")
     g.add_argument("--mode", default="oneshot", choices=["oneshot", "iterative"],
                    help="prune each level from the dense model, or the levels in turn")  # fmt: skip
     g.add_argument("--p", type=float, default=None, help="conv keep factor per level (None: paper)")
@@ -325,7 +342,8 @@ def _changed_sweep_flags(args: argparse.Namespace) -> list[str]:
 
 
 SWEEP_KEYS = ("models", "datasets", "methods", "levels", "seeds", "db", "data_dir", "device",
-              "backend", "address", "cpus_per_task", "gpus_per_task", "storage")  # fmt: skip
+              "backend", "address", "cpus_per_task", "gpus_per_task", "storage",
+              "dense_snapshots")  # fmt: skip
 """TOML keys of a sweep besides the :class:`Protocol` fields (see examples/sweep.toml)."""
 
 
@@ -365,6 +383,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 "instead of passing them as flags"
             )
         proto_fields = {k: v for k, v in cfg.items() if k in {f.name for f in fields(Protocol)}}
+        retrains = _as_list(proto_fields.pop("retrain", "finetune"), "retrain")
         models = _as_list(cfg.get("models", [proto_fields.get("model", "fcn")]), "models")
         paper = frozenset(f for f in STEP_FIELDS if f not in proto_fields)
         steps = dict(zip(STEP_FIELDS, model_steps(str(models[0])), strict=True))
@@ -388,6 +407,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             _as_list(cfg["levels"], "levels", int),
             _as_list(cfg.get("seeds", [0]), "seeds", int),
             paper_steps=paper,
+            retrains=retrains,
+            snapshots=_as_list(cfg.get("dense_snapshots", []), "dense_snapshots", int),
         )
         db = cfg.get("db", args.db)
         data_dir, device = cfg.get("data_dir", args.data_dir), cfg.get("device", args.device)
@@ -398,7 +419,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         steps = dict(zip(STEP_FIELDS, model_steps(_split(args.model)[0]), strict=True))
         for name in paper:
             setattr(args, name, steps[name])
+        retrains = _split(args.retrain)
+        args.retrain = "finetune"  # the template: --retrain-steps is the budget t
         template = _protocol(args, "fcn", "mnist", 0)
+        snapshots = (
+            _seeds(args.dense_snapshots, "--dense-snapshots") if args.dense_snapshots else []
+        )
         sweep = Sweep(
             template,
             _split(args.model),
@@ -407,6 +433,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             levels_from(args.levels),
             _seeds(args.seeds),
             paper_steps=paper,
+            retrains=retrains,
+            snapshots=snapshots,
         )
         db, data_dir, device = args.db, args.data_dir, args.device
         cluster = {k: getattr(args, k) for k in
@@ -599,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder every node can read and write, for checkpoints (None: Ray's "
                    "object store, with dense models also kept beside the database)")  # fmt: skip
     _add_training_args(sw, train=None)
-    _add_pruning_args(sw, retrain=None)
+    _add_pruning_args(sw, retrain=None, several=True)
 
     rp = command("report", cmd_report)
     rp.add_argument("--db", default="results.sqlite", help="results database to read")
