@@ -203,7 +203,7 @@ def grid_figure(out: Path, rows: list[dict[str, Any]], modes: list[str], k: int)
         _error_axes(ax, [r for r in rows if r["retrain"] == mode], groups, mode)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.invert_xaxis() if i == 0 else None
+        ax.invert_xaxis()
         ax.set_xlabel("% weights remaining")
         ax.set_ylabel("test error (%)" if i == 0 else "")
         ax.set_title(mode_label(mode, k), fontsize=10)
@@ -225,9 +225,9 @@ def iterative_tables(out: Path, rows: list[dict[str, Any]]) -> None:
                                        "error_mean", "error_std"], lines)  # fmt: skip
     most = max(len(v) for v in groups.values())
     levels = sorted(keeps)
-    paths = sorted({tuple(r["path"]) for r in rows})
+    chain = max((r["path"] for r in rows), key=len)
     md = [
-        f"Iterative pruning (levels {', '.join(','.join(map(str, p)) for p in paths)}, one "
+        f"Iterative pruning (levels {','.join(map(str, chain))}, one "
         f"retraining per level), test error (%) after each level's retraining, seeds "
         f"{_seeds(rows)}.",
         "",
@@ -244,16 +244,29 @@ def iterative_tables(out: Path, rows: list[dict[str, Any]]) -> None:
     (out / "iterative.md").write_text("\n".join(md) + "\n")
 
 
+def budgets(T: int) -> tuple[int, ...]:
+    """The budgets of run_rewinding.sh: 5%, 20%, 50% and 100% of T (2.5k ... 50k of 50k)."""
+    return (T // 20, T // 5, T // 2, T)
+
+
 def budget_rows(oneshot: list[dict[str, Any]], T: int) -> list[dict[str, Any]]:
-    """MP and LAP at the budget levels; each row gains ``budget``: t, or T - k when rewinding."""
+    """MP and LAP at the budget levels; each row gains ``budget``: t, or T - k when rewinding
+    (so the grid's weight rewinding to 5% of T, t = 95% of T, is not a budget point)."""
     wanted = []
     for r in oneshot:
         if r["level"] in BUDGET_LEVELS and r["method"] in ("mp", "lap"):
+            t = None
             if r["retrain"] in ("finetune", "rewind-lr"):
-                wanted.append(r | {"budget": r["retrain_steps"]})
+                t = r["retrain_steps"]
             elif r["retrain"] == "rewind-weights":
-                wanted.append(r | {"budget": T - r["rewind_step"]})
+                t = T - r["rewind_step"]
+            if t in budgets(T):
+                wanted.append(r | {"budget": t})
     return wanted
+
+
+def _steps(t: int) -> str:
+    return f"{t / 1000:g}k" if t >= 1000 else str(t)
 
 
 def budget_files(out: Path, rows: list[dict[str, Any]]) -> None:
@@ -284,6 +297,9 @@ def budget_files(out: Path, rows: list[dict[str, Any]]) -> None:
                 ax.plot(ts, means, ls=style[0], marker=style[1], ms=3, color=colours[mode],
                         label=label)  # fmt: skip
         ax.set_xscale("log")
+        ticks = sorted({g[3] for g in groups})
+        ax.set_xticks(ticks, [_steps(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("retraining steps t")
         ax.set_ylabel("test error (%)")
         ax.set_title(f"{keeps[level]:.2f}% kept (level {level})", fontsize=10)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -266,3 +269,90 @@ def test_a_dense_checkpoint_gains_the_snapshots_a_later_sweep_needs(tmp_path, ca
     assert "1 dense models trained" in out  # again, deterministic, with the step-28 snapshot
     (ckpt,) = (tmp_path / "r-checkpoints").glob("dense-*.pt")
     assert sorted(torch.load(ckpt, weights_only=True)["snapshots"]) == [0, 28]
+
+
+def _store_runs(db: Path, protocols: list[Protocol], errors: dict[str, float]) -> None:
+    """Synthetic rows: MP and LAP at one level per protocol, error from ``errors[retrain]``."""
+    with RunStore(db) as store:
+        for p in protocols:
+            for method, extra in (("mp", 0.0), ("lap", -1.0)):
+                for seed in (0, 1):
+                    acc = 1 - (errors[p.retrain] + extra + seed * 0.1) / 100
+                    store.put(replace(p, seed=seed).run_config(method, 6),
+                              {"keep": 0.0163, "test_acc_pruned": 0.5, "test_acc_retrained": acc},
+                              wall_time=1.0, code_version="test")  # fmt: skip
+
+
+def test_report_compares_retraining_modes_and_its_csv_tells_runs_apart(tmp_path, capsys):
+    db = tmp_path / "r.sqlite"
+    base = _protocol(train_steps=400, retrain_steps=400, rewind_step=20)
+    modes = [for_retrain(base, m) for m in ("rewind-lr", "finetune", "lottery", "rewind-weights")]
+    _store_runs(db, modes, {"finetune": 10.0, "rewind-lr": 5.0, "lottery": 6.0,
+                            "rewind-weights": 7.0})  # fmt: skip
+    assert main(["report", "--db", str(db), "--by", "retrain"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("by retraining mode") == 2  # one table per method
+    mp = out[out.index("with MP") : out.index("with LAP")]
+    rows = [line.split(" | ")[0].lstrip("| ") for line in mp.splitlines() if line[:2] == "| "][1:]
+    assert rows == ["finetune, 400 steps (baseline)", "rewind-weights k=20, 380 steps",
+                    "rewind-lr, 400 steps", "lottery, 400 steps"]  # fmt: skip
+    assert "5.05±0.07 (-49.75%)" in mp  # rewind-lr against fine-tuning
+    assert main(["report", "--db", str(db), "--by", "retrain", "--format", "summary-csv"]) == 0
+    assert '"lap: rewind-lr, 400 steps",1.63,2,4.05' in capsys.readouterr().out
+    # runs that differ only in activation, scope, batch-norm handling or graph: told apart
+    other = tmp_path / "o.sqlite"
+    variants = [base, replace(base, activation="tanh"), replace(base, scope="global"),
+                replace(base, bn=False), replace(base, graph="sequential")]  # fmt: skip
+    with RunStore(other) as store:
+        for p in variants:
+            store.put(p.run_config("mp", 6), {"keep": 0.0163, "test_acc_pruned": 0.5,
+                      "test_acc_retrained": 0.9}, wall_time=1.0, code_version="test")  # fmt: skip
+    assert main(["report", "--db", str(other), "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[0].split(",")
+    for column in ("retrain", "rewind_step", "schedule", "activation", "scope", "bn", "graph"):
+        assert column in header
+    assert len(set(lines[1:])) == len(variants)
+    picked = [header.index(c) for c in ("activation", "scope", "bn", "graph")]
+    assert len({tuple(line.split(",")[i] for i in picked) for line in lines[1:]}) == 5
+
+
+def test_build_rewinding_rebuilds_the_same_bytes_from_partial_data(tmp_path):
+    db = tmp_path / "r.sqlite"
+    base = _protocol(train_steps=400, retrain_steps=400, rewind_step=20)
+    result = {"test_acc_pruned": 0.5, "dense_test_acc": 0.97, "device": "cpu", "engine": "sparse"}
+    with RunStore(db) as store:
+        for mode in ("finetune", "rewind-lr", "lottery", "rewind-weights"):
+            p = for_retrain(base, mode)
+            for method in ("mp", "lap", "lap-forward-seq"):
+                for level, keep in ((4, 0.0636), (6, 0.0163), (9, 0.0023)):
+                    for seed in (0, 1) if level != 9 else (0,):  # seed 1 still running
+                        acc = 0.9 - 0.01 * level - 0.001 * seed
+                        store.put(replace(p, seed=seed).run_config(method, level),
+                                  result | {"keep": keep, "test_acc_retrained": acc},
+                                  wall_time=1.0, code_version="test")  # fmt: skip
+        for t in (20, 80, 200):
+            budget = replace(base, retrain_steps=t, rewind_step=400 - t)
+            for mode in ("finetune", "rewind-lr", "rewind-weights"):
+                for level, keep in ((6, 0.0163), (9, 0.0023)):
+                    store.put(for_retrain(budget, mode).run_config("lap", level),
+                              result | {"keep": keep, "test_acc_retrained": 0.5 + t / 1000},
+                              wall_time=1.0, code_version="test")  # fmt: skip
+    script = ROOT / "results" / "build_rewinding.py"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        done = subprocess.run([sys.executable, str(script), str(db), "--out", str(out)],
+                              capture_output=True, text=True, env=env)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "no iterative runs yet" in done.stdout
+        outs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
+    assert outs[0] == outs[1]
+    assert sorted(outs[0]) == ["budget.csv", "budget.png", "gain.csv", "gain.md", "grid.csv",
+                               "grid.md", "grid.png", "protocol.txt"]  # fmt: skip
+    grid = outs[0]["grid.csv"].decode()
+    assert "rewind-weights (k = 20),lap,9,0.23,1," in grid and "finetune,mp,4,6.36,2," in grid
+    assert "(n=1)" in outs[0]["grid.md"].decode()
+    budget = outs[0]["budget.csv"].decode().splitlines()
+    assert len(budget) == 1 + 3 * 3 * 2 + 2 * 2 * 2  # + the grid's t = T rows of MP and LAP

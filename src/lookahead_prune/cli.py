@@ -18,10 +18,12 @@ from .data import DATASETS, DatasetError, load_dataset
 from .engines import ENGINE_CHOICES
 from .graph import GRAPH_MODES
 from .models import model_names
-from .pipeline import RETRAIN_MODES, Protocol, new_model, train_dense
+from .pipeline import RETRAIN_MODES, Protocol, for_retrain, new_model, train_dense
 from .prune import parse_method, prune
 from .report import (
     check_plot_path,
+    method_label,
+    method_order,
     plot_accuracy,
     reportable,
     rows_to_csv,
@@ -56,10 +58,16 @@ CSV_COLUMNS = [
     "train_acc_pruned",
     "train_acc_retrained",
     "retrain",
+    "rewind_step",
     "mode",
     "train_steps",
     "retrain_steps",
+    "schedule",
+    "activation",
+    "scope",
+    "bn",
     "bn_recalibrate",
+    "graph",
     "wall_time",
 ]
 BN_RECAL_HELP = (
@@ -224,13 +232,42 @@ PROTOCOL_FIELDS = [
 """What makes two rows one experiment: everything but the seed and how it was computed."""
 
 
-def protocol_groups(rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
-    """Rows grouped by everything in their protocol but the seed: one table per group."""
+RETRAIN_FIELDS = ("retrain", "retrain_steps", "rewind_step")
+"""What tells retraining modes apart: ``lap report --by retrain`` compares them in one table."""
+
+
+def protocol_groups(
+    rows: list[dict[str, Any]], *, ignore: Sequence[str] = ()
+) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
+    """Rows grouped by everything in their protocol but the seed (and ``ignore``): one table
+    per group."""
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in rows:
-        key = tuple(repr(r.get(name)) for name in PROTOCOL_FIELDS)
+        key = tuple(repr(r.get(name)) for name in PROTOCOL_FIELDS if name not in ignore)
         groups.setdefault(key, []).append(r)
     return groups
+
+
+def retrain_label(row: dict[str, Any]) -> str:
+    """A retraining mode as a table row: ``rewind-weights k=2500, 47500 steps``."""
+    mode = row.get("retrain") or "finetune"
+    k = f" k={row.get('rewind_step')}" if mode == "rewind-weights" else ""
+    return f"{mode}{k}, {row.get('retrain_steps')} steps"
+
+
+def by_retrain(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]], list[str]]]:
+    """Per protocol (but its retraining) and method: (method, rows whose ``method`` is their
+    retraining mode, the modes in order: finetune, rewind-weights, rewind-lr, lottery, each
+    from the longest retraining down). The first, fine-tuning's longest, is the baseline."""
+    tables = []
+    for group in protocol_groups(rows, ignore=RETRAIN_FIELDS).values():
+        for method in method_order({r["method"] for r in group}):
+            runs = [r | {"method": retrain_label(r)} for r in group if r["method"] == method]
+            rank = {mode: i for i, mode in enumerate(RETRAIN_MODES)}
+            order = sorted({(rank[r.get("retrain") or "finetune"], -(r.get("retrain_steps") or 0),
+                             r["method"]) for r in runs})  # fmt: skip
+            tables.append((method, runs, list(dict.fromkeys(o[-1] for o in order))))
+    return tables
 
 
 METRIC_WORDS = {
@@ -258,7 +295,7 @@ def _title(rows: list[dict[str, Any]], metric: str) -> str:
     return f"{r['model']} ({r.get('activation')}) on {r['dataset']}, {how}, {steps}: {what}"
 
 
-def _print_tables(rows: list[dict[str, Any]], metric: str) -> None:
+def _print_tables(rows: list[dict[str, Any]], metric: str, by: str = "method") -> None:
     if metric in OPTIONAL_METRICS:
         rows = [r for r in rows if r.get(metric) is not None]
         if not rows:
@@ -267,6 +304,17 @@ def _print_tables(rows: list[dict[str, Any]], metric: str) -> None:
     good, problems = reportable(rows, metric)
     for problem in problems:
         print(f"lap report: skipped a run: {problem}", file=sys.stderr)
+    if by == "retrain":
+        for method, runs, modes in by_retrain(good):
+            summary = summarize(runs, metric=metric, baseline=modes[0])
+            r = runs[0]
+            title = (f"{r['model']} ({r.get('activation')}) on {r['dataset']}, {r.get('mode')} "
+                     f"pruning with {method_label(method)}, {r.get('train_steps')} training "
+                     f"steps ({r.get('schedule')} rate), by retraining mode: "
+                     f"{METRIC_WORDS.get(metric, metric)}")  # fmt: skip
+            print(to_markdown(summary, title=title, methods=modes, label=str))
+            print()
+        return
     for group in protocol_groups(good).values():
         summary = summarize(group, metric=metric)
         print(to_markdown(summary, title=_title(group, metric)))
@@ -276,7 +324,8 @@ def _print_tables(rows: list[dict[str, Any]], metric: str) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Train the FCN on bundled MNIST, prune with MP and LAP at several levels, retrain, report."""
     out = Path(args.out)
-    protocol = _protocol(args, "fcn", "mnist", 0)
+    mode, args.retrain = args.retrain, "finetune"  # rewind-weights, lottery: T - k steps
+    protocol = for_retrain(_protocol(args, "fcn", "mnist", 0), mode)
     sweep = Sweep(
         protocol, ["fcn"], ["mnist"], _split(args.methods), levels_from(args.levels),
         _seeds(args.seeds),
@@ -483,10 +532,17 @@ def cmd_report(args: argparse.Namespace) -> int:
         good, problems = reportable(rows, args.metric)
         for problem in problems:
             print(f"lap report: skipped a run: {problem}", file=sys.stderr)
-        for group in protocol_groups(good).values():
-            sys.stdout.write(to_csv(summarize(group, metric=args.metric)))
+        if args.by == "retrain":  # the method column: "lap: rewind-lr, 50000 steps"
+            for method, runs, modes in by_retrain(good):
+                runs = [r | {"method": f"{method}: {r['method']}"} for r in runs]
+                modes = [f"{method}: {m}" for m in modes]
+                summary = summarize(runs, metric=args.metric, baseline=modes[0])
+                sys.stdout.write(to_csv(summary, methods=modes))
+        else:
+            for group in protocol_groups(good).values():
+                sys.stdout.write(to_csv(summarize(group, metric=args.metric)))
     else:
-        _print_tables(rows, args.metric)
+        _print_tables(rows, args.metric, args.by)
     if args.plot:
         good, _ = reportable(rows, "test_acc_retrained")
         groups = list(protocol_groups(good).values())
@@ -639,6 +695,11 @@ def build_parser() -> argparse.ArgumentParser:
                "train_acc_retrained"]  # fmt: skip
     rp.add_argument("--metric", default="test_acc_retrained", choices=metrics,
                     help="what the tables show (as error)")  # fmt: skip
+    rp.add_argument(
+        "--by", default="method", choices=["method", "retrain"],
+        help="rows of a table: methods (one table per protocol), or retraining modes (one "
+        "table per protocol but its retraining and per method; gains vs fine-tuning)",
+    )  # fmt: skip
     rp.add_argument("--model", help="only runs of this model")
     rp.add_argument("--dataset", help="only runs on this dataset")
     rp.add_argument("--plot", help="also write accuracy plots (.png, .svg or .pdf)")
