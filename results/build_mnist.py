@@ -34,14 +34,15 @@ TABLE1_METHODS = [
 ]  # fmt: skip
 
 
-def newest(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def newest(rows: Iterable[Mapping[str, Any]], extra: Sequence[str] = ()) -> list[dict[str, Any]]:
     """One row per run: configurations written by older code hash differently, so a rerun with
-    newer code can store a run twice; keep the latest."""
+    newer code can store a run twice; keep the latest. ``extra``: more fields that tell runs
+    apart (another study's, such as the retraining mode)."""
     keys = ("model", "activation", "method", "level", "seed", "mode", "train_steps",
             "retrain_steps")  # fmt: skip
     latest: dict[tuple[Any, ...], dict[str, Any]] = {}
     for r in sorted(rows, key=lambda r: r["created_at"]):
-        latest[(*(r.get(k) for k in keys), r.get("scope", "layer"))] = dict(r)
+        latest[(*(r.get(k) for k in keys), r.get("scope", "layer"), *map(r.get, extra))] = dict(r)
     return list(latest.values())
 
 

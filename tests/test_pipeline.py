@@ -18,7 +18,13 @@ import torch
 from lookahead_prune.cli import main
 from lookahead_prune.data import load_dataset
 from lookahead_prune.models import build_model
-from lookahead_prune.pipeline import Protocol, dense_model, prune_and_retrain, train_dense
+from lookahead_prune.pipeline import (
+    Protocol,
+    dense_model,
+    for_retrain,
+    prune_and_retrain,
+    train_dense,
+)
 from lookahead_prune.schedule import level_keep, overall_keep
 from lookahead_prune.store import RunStore, config_hash
 
@@ -56,8 +62,8 @@ def _protocol(**kw) -> Protocol:
 
 @pytest.mark.parametrize("mode", ["finetune", "rewind-weights", "rewind-lr", "lottery"])
 def test_retraining_modes(tiny_data, mode, monkeypatch):
-    protocol = _protocol(retrain=mode)
-    dense = train_dense(protocol, tiny_data)
+    protocol = for_retrain(_protocol(), mode)
+    dense = train_dense(protocol, tiny_data, snapshot_steps=(10,))
     model = dense_model(protocol, dense, tiny_data)
     seen = {}
     import lookahead_prune.pipeline as pipeline
@@ -68,7 +74,7 @@ def test_retraining_modes(tiny_data, mode, monkeypatch):
         (m,) = models
         seen["fc1"] = m.fc1.weight_orig.detach().clone()
         seen["mask"] = m.fc1.weight_mask.detach().clone()
-        seen["lr"] = config.lr
+        seen["lr"] = config[0].lr
         return real_train_many(models, x, y, config, *args, **kw)
 
     monkeypatch.setattr(pipeline, "train_many", spy)
@@ -76,11 +82,11 @@ def test_retraining_modes(tiny_data, mode, monkeypatch):
     expected_start = {
         "finetune": dense.state["fc1.weight"],
         "rewind-lr": dense.state["fc1.weight"],
-        "rewind-weights": dense.rewind["fc1.weight"],
+        "rewind-weights": dense.rewind_to(10)["fc1.weight"],
         "lottery": dense.init["fc1.weight"],
     }[mode]
     assert torch.equal(seen["fc1"], expected_start)
-    assert not torch.equal(dense.rewind["fc1.weight"], dense.state["fc1.weight"])
+    assert not torch.equal(dense.rewind_to(10)["fc1.weight"], dense.state["fc1.weight"])
     # masks stay applied through retraining
     assert torch.equal(model.fc1.weight_mask, seen["mask"])
     assert bool((model.fc1.weight[seen["mask"] == 0] == 0).all())
@@ -201,12 +207,15 @@ def test_sweep_from_toml(tmp_path, capsys):
         main(["sweep", str(cfg)])
 
 
-def test_dense_key_follows_the_rewind_step_only_when_weights_are_rewound():
-    a = _protocol(retrain="rewind-weights", rewind_step=10).dense_config()
-    b = _protocol(retrain="rewind-weights", rewind_step=5).dense_config()
-    c = _protocol(retrain="finetune", rewind_step=10).dense_config()
-    d = _protocol(retrain="finetune", rewind_step=5).dense_config()
-    assert a != b and c == d
+def test_dense_key_never_follows_the_rewind_step_the_run_key_does_for_weight_rewinding():
+    a = _protocol(retrain="rewind-weights", rewind_step=10, retrain_steps=30)
+    b = _protocol(retrain="rewind-weights", rewind_step=5, retrain_steps=35)
+    c = _protocol(retrain="finetune", rewind_step=10)
+    d = _protocol(retrain="finetune", rewind_step=5)
+    assert a.dense_config() == b.dense_config() == c.dense_config() == d.dense_config()
+    assert a.dense_config()["rewind_step"] == 0  # the dense keys stored before stay valid
+    assert a.run_config("mp", 1) != b.run_config("mp", 1)
+    assert c.run_config("mp", 1) == d.run_config("mp", 1)
     assert _protocol(weight_decay=0).run_config("mp", 1) == _protocol(weight_decay=0.0).run_config(
         "mp", 1
     )  # 0 and 0.0 give one key

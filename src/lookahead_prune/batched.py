@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from .train import TrainConfig, TrainResult, batch_stream, lr_at
+from .train import TrainConfig, TrainResult, batch_stream, set_lr
 
 
 def batchable(models: Sequence[nn.Module]) -> bool:
@@ -125,9 +125,7 @@ def train_batched(
             for orig, mask in masks:
                 orig.mul_(mask)
         for step in range(1, config.steps + 1):
-            if config.schedule != "constant":
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(config, step - 1)
+            set_lr(optimizer, config, step)  # the schedule entered at config.schedule_start
             drawn = [next(streams[s]) for s in unique]
             if shared:
                 xb, yb = drawn[0]

@@ -19,10 +19,12 @@ from .engines import ENGINE_CHOICES
 from .graph import GRAPH_MODES
 from .masks import parse_nm
 from .models import model_names
-from .pipeline import RETRAIN_MODES, Protocol, new_model, train_dense
+from .pipeline import RETRAIN_MODES, Protocol, for_retrain, new_model, train_dense
 from .prune import parse_method, prune
 from .report import (
     check_plot_path,
+    method_label,
+    method_order,
     plot_accuracy,
     reportable,
     rows_to_csv,
@@ -58,10 +60,16 @@ CSV_COLUMNS = [
     "train_acc_pruned",
     "train_acc_retrained",
     "retrain",
+    "rewind_step",
     "mode",
     "train_steps",
     "retrain_steps",
+    "schedule",
+    "activation",
+    "scope",
+    "bn",
     "bn_recalibrate",
+    "graph",
     "wall_time",
 ]
 BN_RECAL_HELP = (
@@ -127,16 +135,33 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (None: cuda if present)")
 
 
-def _add_pruning_args(p: argparse.ArgumentParser, *, retrain: int | None) -> None:
+RETRAIN_HELP = (
+    "how the pruned model retrains (Renda et al., 2020): finetune (t = --retrain-steps steps at "
+    "the final rate), rewind-lr (t steps at the rates of training's last t), rewind-weights "
+    "(weights of step k = --rewind-step, then training's steps k..T-1: T - k steps), lottery "
+    "(rewind-weights to k = 0: T steps); Adam's state starts afresh"
+)
+
+
+def _add_pruning_args(
+    p: argparse.ArgumentParser, *, retrain: int | None, several: bool = False
+) -> None:
     """Options of pruning and retraining: what sweeps and the demo take beyond training."""
     g = p.add_argument_group("pruning and retraining")
     g.add_argument(
         "--retrain-steps", type=int, default=retrain,
-        help="steps of retraining" + (f" ({PAPER_STEPS_HELP})" if retrain is None else ""),
+        help="steps of retraining" + (f" ({PAPER_STEPS_HELP})" if retrain is None else "")
+        + "; the budget t of finetune and rewind-lr (rewind-weights and lottery retrain T - k)",
     )  # fmt: skip
-    g.add_argument("--retrain", default="finetune", choices=RETRAIN_MODES,
-                   help="what retraining starts from")  # fmt: skip
-    g.add_argument("--rewind-step", type=int, default=0, help="step rewind-weights returns to")
+    if several:
+        g.add_argument("--retrain", default="finetune", help=RETRAIN_HELP + "; comma-separated: "
+                       "every mode for every run, from one dense model, in one group")  # fmt: skip
+        g.add_argument("--dense-snapshots", default="",
+                       help="further comma-separated steps at which dense models keep their "
+                       "weights, for later weight-rewinding sweeps over them")  # fmt: skip
+    else:
+        g.add_argument("--retrain", default="finetune", choices=RETRAIN_MODES, help=RETRAIN_HELP)
+    g.add_argument("--rewind-step", type=int, default=0, help="step k rewind-weights returns to")
     g.add_argument("--mode", default="oneshot", choices=["oneshot", "iterative"],
                    help="prune each level from the dense model, or the levels in turn")  # fmt: skip
     g.add_argument("--p", type=float, default=None, help="conv keep factor per level (None: paper)")
@@ -227,13 +252,42 @@ PROTOCOL_FIELDS = [
 """What makes two rows one experiment: everything but the seed and how it was computed."""
 
 
-def protocol_groups(rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
-    """Rows grouped by everything in their protocol but the seed: one table per group."""
+RETRAIN_FIELDS = ("retrain", "retrain_steps", "rewind_step")
+"""What tells retraining modes apart: ``lap report --by retrain`` compares them in one table."""
+
+
+def protocol_groups(
+    rows: list[dict[str, Any]], *, ignore: Sequence[str] = ()
+) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
+    """Rows grouped by everything in their protocol but the seed (and ``ignore``): one table
+    per group."""
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in rows:
-        key = tuple(repr(r.get(name)) for name in PROTOCOL_FIELDS)
+        key = tuple(repr(r.get(name)) for name in PROTOCOL_FIELDS if name not in ignore)
         groups.setdefault(key, []).append(r)
     return groups
+
+
+def retrain_label(row: dict[str, Any]) -> str:
+    """A retraining mode as a table row: ``rewind-weights k=2500, 47500 steps``."""
+    mode = row.get("retrain") or "finetune"
+    k = f" k={row.get('rewind_step')}" if mode == "rewind-weights" else ""
+    return f"{mode}{k}, {row.get('retrain_steps')} steps"
+
+
+def by_retrain(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]], list[str]]]:
+    """Per protocol (but its retraining) and method: (method, rows whose ``method`` is their
+    retraining mode, the modes in order: finetune, rewind-weights, rewind-lr, lottery, each
+    from the longest retraining down). The first, fine-tuning's longest, is the baseline."""
+    tables = []
+    for group in protocol_groups(rows, ignore=RETRAIN_FIELDS).values():
+        for method in method_order({r["method"] for r in group}):
+            runs = [r | {"method": retrain_label(r)} for r in group if r["method"] == method]
+            rank = {mode: i for i, mode in enumerate(RETRAIN_MODES)}
+            order = sorted({(rank[r.get("retrain") or "finetune"], -(r.get("retrain_steps") or 0),
+                             r["method"]) for r in runs})  # fmt: skip
+            tables.append((method, runs, list(dict.fromkeys(o[-1] for o in order))))
+    return tables
 
 
 METRIC_WORDS = {
@@ -261,7 +315,7 @@ def _title(rows: list[dict[str, Any]], metric: str) -> str:
     return f"{r['model']} ({r.get('activation')}) on {r['dataset']}, {how}, {steps}: {what}"
 
 
-def _print_tables(rows: list[dict[str, Any]], metric: str) -> None:
+def _print_tables(rows: list[dict[str, Any]], metric: str, by: str = "method") -> None:
     if metric in OPTIONAL_METRICS:
         rows = [r for r in rows if r.get(metric) is not None]
         if not rows:
@@ -270,6 +324,17 @@ def _print_tables(rows: list[dict[str, Any]], metric: str) -> None:
     good, problems = reportable(rows, metric)
     for problem in problems:
         print(f"lap report: skipped a run: {problem}", file=sys.stderr)
+    if by == "retrain":
+        for method, runs, modes in by_retrain(good):
+            summary = summarize(runs, metric=metric, baseline=modes[0])
+            r = runs[0]
+            title = (f"{r['model']} ({r.get('activation')}) on {r['dataset']}, {r.get('mode')} "
+                     f"pruning with {method_label(method)}, {r.get('train_steps')} training "
+                     f"steps ({r.get('schedule')} rate), by retraining mode: "
+                     f"{METRIC_WORDS.get(metric, metric)}")  # fmt: skip
+            print(to_markdown(summary, title=title, methods=modes, label=str))
+            print()
+        return
     for group in protocol_groups(good).values():
         summary = summarize(group, metric=metric)
         print(to_markdown(summary, title=_title(group, metric)))
@@ -279,7 +344,8 @@ def _print_tables(rows: list[dict[str, Any]], metric: str) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Train the FCN on bundled MNIST, prune with MP and LAP at several levels, retrain, report."""
     out = Path(args.out)
-    protocol = _protocol(args, "fcn", "mnist", 0)
+    mode, args.retrain = args.retrain, "finetune"  # rewind-weights, lottery: T - k steps
+    protocol = for_retrain(_protocol(args, "fcn", "mnist", 0), mode)
     sweep = Sweep(
         protocol, ["fcn"], ["mnist"], _split(args.methods), levels_from(args.levels),
         _seeds(args.seeds),
@@ -345,7 +411,8 @@ def _changed_sweep_flags(args: argparse.Namespace) -> list[str]:
 
 
 SWEEP_KEYS = ("models", "datasets", "methods", "levels", "seeds", "db", "data_dir", "device",
-              "backend", "address", "cpus_per_task", "gpus_per_task", "storage")  # fmt: skip
+              "backend", "address", "cpus_per_task", "gpus_per_task", "storage",
+              "dense_snapshots")  # fmt: skip
 """TOML keys of a sweep besides the :class:`Protocol` fields (see examples/sweep.toml)."""
 
 
@@ -385,6 +452,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 "instead of passing them as flags"
             )
         proto_fields = {k: v for k, v in cfg.items() if k in {f.name for f in fields(Protocol)}}
+        retrains = _as_list(proto_fields.pop("retrain", "finetune"), "retrain")
         models = _as_list(cfg.get("models", [proto_fields.get("model", "fcn")]), "models")
         paper = frozenset(f for f in STEP_FIELDS if f not in proto_fields)
         steps = dict(zip(STEP_FIELDS, model_steps(str(models[0])), strict=True))
@@ -408,6 +476,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             _as_list(cfg["levels"], "levels", int),
             _as_list(cfg.get("seeds", [0]), "seeds", int),
             paper_steps=paper,
+            retrains=retrains,
+            snapshots=_as_list(cfg.get("dense_snapshots", []), "dense_snapshots", int),
         )
         db = cfg.get("db", args.db)
         data_dir, device = cfg.get("data_dir", args.data_dir), cfg.get("device", args.device)
@@ -418,7 +488,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         steps = dict(zip(STEP_FIELDS, model_steps(_split(args.model)[0]), strict=True))
         for name in paper:
             setattr(args, name, steps[name])
+        retrains = _split(args.retrain)
+        args.retrain = "finetune"  # the template: --retrain-steps is the budget t
         template = _protocol(args, "fcn", "mnist", 0)
+        snapshots = (
+            _seeds(args.dense_snapshots, "--dense-snapshots") if args.dense_snapshots else []
+        )
         sweep = Sweep(
             template,
             _split(args.model),
@@ -427,6 +502,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             levels_from(args.levels),
             _seeds(args.seeds),
             paper_steps=paper,
+            retrains=retrains,
+            snapshots=snapshots,
         )
         db, data_dir, device = args.db, args.data_dir, args.device
         cluster = {k: getattr(args, k) for k in
@@ -477,10 +554,17 @@ def cmd_report(args: argparse.Namespace) -> int:
         good, problems = reportable(rows, args.metric)
         for problem in problems:
             print(f"lap report: skipped a run: {problem}", file=sys.stderr)
-        for group in protocol_groups(good).values():
-            sys.stdout.write(to_csv(summarize(group, metric=args.metric)))
+        if args.by == "retrain":  # the method column: "lap: rewind-lr, 50000 steps"
+            for method, runs, modes in by_retrain(good):
+                runs = [r | {"method": f"{method}: {r['method']}"} for r in runs]
+                modes = [f"{method}: {m}" for m in modes]
+                summary = summarize(runs, metric=args.metric, baseline=modes[0])
+                sys.stdout.write(to_csv(summary, methods=modes))
+        else:
+            for group in protocol_groups(good).values():
+                sys.stdout.write(to_csv(summarize(group, metric=args.metric)))
     else:
-        _print_tables(rows, args.metric)
+        _print_tables(rows, args.metric, args.by)
     if args.plot:
         good, _ = reportable(rows, "test_acc_retrained")
         groups = list(protocol_groups(good).values())
@@ -709,7 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder every node can read and write, for checkpoints (None: Ray's "
                    "object store, with dense models also kept beside the database)")  # fmt: skip
     _add_training_args(sw, train=None)
-    _add_pruning_args(sw, retrain=None)
+    _add_pruning_args(sw, retrain=None, several=True)
 
     rp = command("report", cmd_report)
     rp.add_argument("--db", default="results.sqlite", help="results database to read")
@@ -721,6 +805,11 @@ def build_parser() -> argparse.ArgumentParser:
                "train_acc_retrained"]  # fmt: skip
     rp.add_argument("--metric", default="test_acc_retrained", choices=metrics,
                     help="what the tables show (as error)")  # fmt: skip
+    rp.add_argument(
+        "--by", default="method", choices=["method", "retrain"],
+        help="rows of a table: methods (one table per protocol), or retraining modes (one "
+        "table per protocol but its retraining and per method; gains vs fine-tuning)",
+    )  # fmt: skip
     rp.add_argument("--model", help="only runs of this model")
     rp.add_argument("--dataset", help="only runs on this dataset")
     rp.add_argument("--plot", help="also write accuracy plots (.png, .svg or .pdf)")

@@ -1,16 +1,28 @@
 """Train -> prune -> retrain: the paper's protocol and the rewinding variants around it.
 
-One dense model is trained per (model, dataset, seed) and reused by every method and level.
-One-shot pruning prunes each level from that dense model; iterative pruning applies the levels
-in turn, retraining between them. Retraining is fine-tuning, weight rewinding (to step k of the
-first training), learning-rate rewinding (Renda et al., 2020) or a lottery-ticket reset.
+One dense model is trained per (model, dataset, seed) and reused by every method, level and
+retraining mode. One-shot pruning prunes each level from that dense model; iterative pruning
+applies the levels in turn, retraining between them. Retraining follows Renda et al. (2020),
+with T training steps (``train_steps``) and t retraining steps (``retrain_steps``):
+
+- ``finetune``: the surviving weights train t steps at the first training's final rate;
+- ``rewind-lr``: the final weights train t steps with the rates of the first training's last
+  t steps (``lr_at(T - t + i)``); under a constant rate this is fine-tuning;
+- ``rewind-weights``: the weights go back to their values at step k (``rewind_step``) and
+  train the rest of the original schedule, T - k steps at ``lr_at(k + i)`` (Renda et al.
+  take k = T - t, so the budget is t; late rewinding takes a small k);
+- ``lottery``: weight rewinding to k = 0, the initialisation: T steps at ``lr_at(i)``.
+
+For ``rewind-weights`` and ``lottery`` the retraining length is therefore T - k, not a free
+choice: a :class:`Protocol` refuses any other ``retrain_steps``, and :func:`for_retrain`
+derives it. Every mode starts a fresh optimiser (Adam's moments reset at retraining start).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -47,6 +59,11 @@ from .train import (
 )
 
 RETRAIN_MODES = ("finetune", "rewind-weights", "rewind-lr", "lottery")
+REWINDING = ("rewind-weights", "lottery")
+"""Modes that retrain the rest of the first training from a rewind step: T - k steps."""
+DEFINITIONS = "renda2020"
+"""Marks the run keys whose meaning changed when the modes began to follow Renda et al.
+exactly (see :meth:`Protocol.run_config`)."""
 PRUNE_MODES = ("oneshot", "iterative")
 
 ADDED = {"added": True}
@@ -175,6 +192,21 @@ class Protocol:
                 f"rewind_step must be within the first training (0..{self.train_steps}), "
                 f"not {self.rewind_step}"
             )
+        wanted = retrain_length(self.retrain, self.train_steps, self.retrain_steps,
+                                self.rewind_key)  # fmt: skip
+        if self.retrain_steps != wanted:
+            raise ValueError(
+                f"retrain {self.retrain!r} trains the rest of the first training from step "
+                f"{self.rewind_key}: train_steps - rewind_step = {wanted} steps (Renda et al., "
+                f"2020), not retrain_steps = {self.retrain_steps}; give {wanted}"
+            )
+        if (self.retrain == "rewind-lr" and self.schedule != "constant"
+                and self.retrain_steps > self.train_steps):  # fmt: skip
+            raise ValueError(
+                f"rewind-lr replays the last retrain_steps learning rates of the first training, "
+                f"so retrain_steps ({self.retrain_steps}) must be <= train_steps "
+                f"({self.train_steps}) under the {self.schedule!r} schedule"
+            )
 
     @property
     def learning_rate(self) -> float:
@@ -206,7 +238,7 @@ class Protocol:
                 "precision", "augment")  # fmt: skip
         return self._key_fields(keys) | {
             "lr": self.learning_rate,
-            "rewind_step": self.rewind_key,
+            "rewind_step": 0,  # once the rewind step; now the checkpoint holds every one needed
         }
 
     @property
@@ -215,21 +247,39 @@ class Protocol:
         return self.rewind_step if self.retrain == "rewind-weights" else 0
 
     def run_config(self, method: str, level: int) -> dict[str, Any]:
-        """The full configuration of one pruning run, as stored and hashed."""
+        """The full configuration of one pruning run, as stored and hashed.
+
+        Rewinding modes under a schedule that changes the rate carry ``"definitions":
+        "renda2020"``: before, ``rewind-lr``, ``rewind-weights`` and ``lottery`` replayed the
+        whole schedule compressed into ``retrain_steps``; now they follow Renda et al. (see
+        the module's docstring), so such a stored row has another meaning and must not be
+        reused. Under a constant rate their meaning is unchanged (and ``rewind-weights`` /
+        ``lottery`` must now retrain T - k steps, as the row says), as is ``finetune``'s
+        under any schedule, so those keys stay as they were.
+        """
         p, q = self.pq
+        marker = {}
+        if self.retrain != "finetune" and self.schedule != "constant":
+            marker = {"definitions": DEFINITIONS}
         return (
             self._key_fields()
             | {"lr": self.learning_rate, "p": p, "q": q, "rewind_step": self.rewind_key}
+            | marker
             | {
                 "method": canonical_method(method),  # aliases share one key
                 "level": level,
             }
         )
 
-    def train_config(self, steps: int, *, lr: float | None = None, schedule: str | None = None):
+    def train_config(
+        self, steps: int, *, lr: float | None = None, schedule: str | None = None,
+        schedule_start: int = 0, schedule_steps: int = 0,
+    ) -> TrainConfig:  # fmt: skip
         """A :class:`TrainConfig` for ``steps`` steps of this protocol."""
         return TrainConfig(
             steps=steps,
+            schedule_start=schedule_start,
+            schedule_steps=schedule_steps,
             lr=lr if lr is not None else self.learning_rate,
             batch_size=self.batch_size,
             optimizer=self.optimizer,
@@ -244,17 +294,60 @@ class Protocol:
         )
 
 
+def retrain_length(mode: str, train_steps: int, retrain_steps: int, rewind_step: int) -> int:
+    """Steps that retraining in ``mode`` takes: t for ``finetune`` and ``rewind-lr``, the rest
+    of the first training (T - k) for ``rewind-weights`` (k = ``rewind_step``) and
+    ``lottery`` (k = 0)."""
+    if mode == "lottery":
+        return train_steps
+    if mode == "rewind-weights":
+        return train_steps - rewind_step
+    return retrain_steps
+
+
+def for_retrain(template: Protocol, mode: str) -> Protocol:
+    """``template`` retrained in ``mode``; ``template.retrain_steps`` is the budget t of
+    ``finetune`` and ``rewind-lr``, while ``rewind-weights`` and ``lottery`` take T - k."""
+    k = template.rewind_step if mode == "rewind-weights" else 0
+    steps = retrain_length(mode, template.train_steps, template.retrain_steps, k)
+    return replace(template, retrain=mode, retrain_steps=steps)
+
+
 @dataclass
 class DenseModel:
-    """A trained dense model with the states retraining may rewind to."""
+    """A trained dense model with the states retraining may rewind to.
+
+    ``snapshots[k]`` holds the weights after k updates of the first training (0 always).
+    """
 
     state: dict[str, torch.Tensor]
     init: dict[str, torch.Tensor]
-    rewind: dict[str, torch.Tensor]
+    snapshots: dict[int, dict[str, torch.Tensor]]
     test_acc: float
     test_loss: float
     train_acc: float
     wall_time: float
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> DenseModel:
+        """From a checkpoint's dict; an older one's ``rewind`` (taken at step 0 under the keys
+        it can be found by) becomes ``snapshots[0]``."""
+        state = dict(state)
+        if "rewind" in state and "snapshots" not in state:
+            state["snapshots"] = {0: state.pop("rewind")}
+        wanted = {f.name for f in fields(cls)}
+        if set(state) != wanted:
+            raise ValueError(f"a dense model has keys {sorted(wanted)}, not {sorted(state)}")
+        state["snapshots"] = {int(k): v for k, v in state["snapshots"].items()}
+        return cls(**state)
+
+    def rewind_to(self, step: int) -> dict[str, torch.Tensor]:
+        """The weights after ``step`` updates of the first training."""
+        if step not in self.snapshots:
+            raise KeyError(
+                f"the dense model keeps snapshots at steps {sorted(self.snapshots)}, not {step}"
+            )
+        return self.snapshots[step]
 
 
 def new_model(protocol: Protocol, data: ImageDataset) -> nn.Module:
@@ -293,8 +386,12 @@ def _test_set(protocol: Protocol, data: ImageDataset) -> tuple[torch.Tensor, tor
     return data.test_x[:n], data.test_y[:n]
 
 
-def train_dense(protocol: Protocol, data: ImageDataset, *, progress: bool = False) -> DenseModel:
-    """Train the dense model once; keep its initial and rewind-point weights."""
+def train_dense(
+    protocol: Protocol, data: ImageDataset, *, progress: bool = False,
+    snapshot_steps: Sequence[int] = (),
+) -> DenseModel:  # fmt: skip
+    """Train the dense model once; keep its initial weights and those at step 0, at the
+    protocol's rewind step and at ``snapshot_steps`` (for weight rewinding)."""
     device = data.train_x.device
     model = new_model(protocol, data).to(device)
     init = _cpu_state(model)
@@ -304,7 +401,7 @@ def train_dense(protocol: Protocol, data: ImageDataset, *, progress: bool = Fals
         data.train_x,
         data.train_y,
         protocol.train_config(protocol.train_steps),
-        checkpoints=(protocol.rewind_key,),
+        checkpoints={0, protocol.rewind_key, *snapshot_steps},
         progress=progress,
     )
     test = evaluate(model, *_test_set(protocol, data))
@@ -312,7 +409,9 @@ def train_dense(protocol: Protocol, data: ImageDataset, *, progress: bool = Fals
     return DenseModel(
         state=_cpu_state(model),
         init=init,
-        rewind={k: v.cpu() for k, v in result.snapshots[protocol.rewind_key].items()},
+        snapshots={
+            step: {k: v.cpu() for k, v in snap.items()} for step, snap in result.snapshots.items()
+        },
         test_acc=test.accuracy,
         test_loss=test.loss,
         train_acc=train_metrics.accuracy,
@@ -334,18 +433,31 @@ def load_weights_keeping_masks(model: nn.Module, state: Mapping[str, torch.Tenso
             own[target].copy_(value)
 
 
+def retrain_config(protocol: Protocol) -> TrainConfig:
+    """The training configuration of retraining in ``protocol.retrain`` (Renda et al., 2020).
+
+    T = ``train_steps``, t = ``retrain_steps``, k = ``rewind_step``: ``finetune`` t steps at
+    the first training's final rate (constant); ``rewind-lr`` t steps at ``lr_at(T - t + i)``;
+    ``rewind-weights`` T - k steps at ``lr_at(k + i)``; ``lottery`` T steps at ``lr_at(i)``.
+    """
+    T, t = protocol.train_steps, protocol.retrain_steps
+    if protocol.retrain == "finetune":
+        last_update = max(T - 1, 0)  # cosine is 0 after the last update
+        final_lr = lr_at(protocol.train_config(T), last_update)
+        return protocol.train_config(t, lr=final_lr, schedule="constant")
+    if protocol.retrain == "rewind-lr":
+        return protocol.train_config(t, schedule_start=max(T - t, 0), schedule_steps=T)
+    k = protocol.rewind_key  # rewind-weights: k; lottery: 0
+    return protocol.train_config(T - k, schedule_start=k, schedule_steps=T)
+
+
 def _retrain_setup(protocol: Protocol, model: nn.Module, dense: DenseModel) -> TrainConfig:
     """Reset weights as the retraining mode says and return its training configuration."""
-    steps = protocol.retrain_steps
-    if protocol.retrain == "finetune":
-        last_update = max(protocol.train_steps - 1, 0)  # cosine is 0 after the last update
-        final_lr = lr_at(protocol.train_config(protocol.train_steps), last_update)
-        return protocol.train_config(steps, lr=final_lr, schedule="constant")
     if protocol.retrain == "rewind-weights":
-        load_weights_keeping_masks(model, dense.rewind)
+        load_weights_keeping_masks(model, dense.rewind_to(protocol.rewind_step))
     elif protocol.retrain == "lottery":
         load_weights_keeping_masks(model, dense.init)
-    return protocol.train_config(steps)  # the learning-rate schedule starts again
+    return retrain_config(protocol)
 
 
 @dataclass
@@ -375,17 +487,21 @@ def prune_and_retrain_many(
     jobs: Sequence[tuple[str, int]],
     *,
     progress: bool = False,
+    protocols: Sequence[Protocol] | None = None,
 ) -> list[LevelResult]:
     """Prune each model in place to its (method, level), evaluate, retrain, evaluate.
 
     The models are retrained by :func:`~lookahead_prune.engines.train_many` with the
     protocol's engine: together where an engine can take them (what separate runs would
     give, faster), otherwise one after another. ``progress`` shows a bar for the group.
+    ``protocols`` gives each model its own protocol (one per retraining mode, sharing the
+    dense model); by default every model follows ``protocol``.
     """
     p, q = protocol.pq
     reports, before, before_train, recalibrated = [], [], [], []
     configs = []
-    for model, (method, level) in zip(models, jobs, strict=True):
+    protocols = list(protocols) if protocols is not None else [protocol] * len(models)
+    for model, (method, level), own in zip(models, jobs, protocols, strict=True):
         dense_names = dense_layer_names(model) + tuple(
             excluded_layers(prunable_layers(model), protocol.exclude)
         )
@@ -413,15 +529,18 @@ def prune_and_retrain_many(
         before.append(evaluate(model, *_test_set(protocol, data)))
         before_train.append(evaluate(model, *_train_subset(protocol, data)))
         recalibrated.append(_recalibrated(protocol, model, data))
-        configs.append(_retrain_setup(protocol, model, dense))
-    config = configs[0]
+        configs.append(_retrain_setup(own, model, dense))
     engines = [protocol.engine if protocol.engine != "auto" else "sequential"] * len(models)
-    if config.steps:
-        with _GroupBar(len(models), config.steps, enabled=progress) as bar:
+    busy = [i for i, c in enumerate(configs) if c.steps]
+    if busy:
+        steps = max(configs[i].steps for i in busy)
+        with _GroupBar(len(busy), steps, enabled=progress) as bar:
             trained = train_many(
-                models, data.train_x, data.train_y, config, protocol.engine, progress=bar.update
-            )
-        engines = [r.engine for r in trained]
+                [models[i] for i in busy], data.train_x, data.train_y,
+                [configs[i] for i in busy], protocol.engine, progress=bar.update,
+            )  # fmt: skip
+        for i, r in zip(busy, trained, strict=True):
+            engines[i] = r.engine
     results = []
     for model, report, b, bt, recal, engine in zip(
         models, reports, before, before_train, recalibrated, engines, strict=True

@@ -42,6 +42,7 @@ from .sweep import (
     check_writable,
     get_dense,
     group_size,
+    load_dense,
     run_config,
 )
 from .train import pick_device
@@ -113,7 +114,7 @@ def group_task(
 ) -> list[tuple[str, int, dict[str, Any], float]]:  # fmt: skip
     """Retrain one group (one-shot) or chains (iterative); ``(method, level, result, wall)``."""
     _maybe_crash()
-    dense = DenseModel(**dense_state)
+    dense = DenseModel.from_state(dense_state)
     data = _data(protocol, data_dir, device)
     out = []
     if protocol.mode == "oneshot":
@@ -208,8 +209,9 @@ def run_sweep_ray(
                 if not todo:
                     continue
                 local = _dense_path(workdir, protocol)
-                if storage is None and local.exists():  # kept by an earlier driver run
-                    dense_ref = ray.put(load_checkpoint(local))
+                kept = load_dense(local) if storage is None and local.exists() else None
+                if kept is not None and protocol.rewind_key in kept.snapshots:  # earlier run's
+                    dense_ref = ray.put(asdict(kept))
                 else:
                     dense_ref = dense_remote.remote(protocol, data_dir, device, storage)
                     pending[dense_ref] = _Pending("dense", protocol, [])

@@ -14,7 +14,7 @@ import io
 import json
 import math
 import numbers
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -248,7 +248,7 @@ def _rows_in_order(summary: Summary, methods: Sequence[str] | None) -> list[str]
     return list(methods)
 
 
-def _caption(summary: Summary) -> str:
+def _caption(summary: Summary, label: Callable[[str], str] = method_label) -> str:
     quantity = "error" if summary.as_error else "accuracy"
     text = _METRIC_TEXT.get(summary.metric, f"{quantity} (%) from `{summary.metric}`")
     text = text.format(quantity=quantity)
@@ -266,7 +266,7 @@ def _caption(summary: Summary) -> str:
     return (
         f"{subject[0].upper()}{subject[1:]}; {spread}. Columns are % of weights remaining; "
         f"bracketed numbers are the relative change in {quantity} vs "
-        f"{method_label(summary.baseline)} at the same keep fraction ({sign}: {better})."
+        f"{label(summary.baseline)} at the same keep fraction ({sign}: {better})."
     )
 
 
@@ -276,11 +276,13 @@ def to_markdown(
     title: str | None = None,
     methods: Sequence[str] | None = None,
     decimals: int = 2,
+    label: Callable[[str], str] = method_label,
 ) -> str:
     """Render a summary as a Markdown table shaped like the paper's Tables 1-6.
 
     Rows are methods (*methods* order, else the default one), columns % weights remaining
     (descending); cells ``mean±std (gain%)`` with the gain omitted on the baseline row.
+    ``label`` names a row (rows that are not methods, such as retraining modes: ``str``).
     """
     keeps = summary.keeps
     header = ["Method", *_keep_labels(keeps)]
@@ -289,8 +291,7 @@ def to_markdown(
         lines += [f"**{title}**", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * len(keeps)]
     for method in _rows_in_order(summary, methods):
-        label = method_label(method) + (" (baseline)" if method == summary.baseline else "")
-        cells = [label]
+        cells = [label(method) + (" (baseline)" if method == summary.baseline else "")]
         for keep in keeps:
             cell = summary.cell(method, keep)
             if cell is None:
@@ -304,7 +305,7 @@ def to_markdown(
                 text += f" ({gain:+.{decimals}f}%)"
             cells.append(text)
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", _caption(summary)]
+    lines += ["", _caption(summary, label)]
     return "\n".join(lines) + "\n"
 
 

@@ -20,11 +20,12 @@ floating-point summation order (tested to 1e-9 in float64).
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -38,8 +39,8 @@ from .train import (
     TrainConfig,
     TrainResult,
     batch_stream,
+    lr_at,
     make_optimizer,
-    set_lr,
 )
 
 __all__ = ["density", "sparse_why_not", "train_sparse_group"]
@@ -121,14 +122,27 @@ def _gather_sum(index: Tensor, table: Tensor, offsets: Tensor, weights: Tensor, 
 
 @dataclass
 class _GroupLayer:
-    """One Linear layer of the group: the K modules, their index, weights and biases."""
+    """One Linear layer of the group: the K modules, their index, weights and biases.
+
+    The surviving weights (and biases) are one leaf per schedule class (models retrained
+    with the same configuration sit next to each other), so each class has its own
+    optimiser group and learning rate; with one class they are one leaf, as they always were.
+    """
 
     modules: list[nn.Linear]
     masks: list[Tensor]  # bool [out, in] per model
     index: _Index
-    values: Tensor  # leaf, [nnz]
-    bias: Tensor | None  # leaf, [K * out, 1]
+    values: list[Tensor]  # leaves, one per class, [nnz of the class] (CSR order)
+    bias: list[Tensor] | None  # leaves, one per class, [K_class * out, 1]
     counts: list[int]  # surviving weights per model, in CSR order
+
+    def weights(self) -> Tensor:
+        return self.values[0] if len(self.values) == 1 else torch.cat(self.values)
+
+    def biases(self) -> Tensor | None:
+        if self.bias is None:
+            return None
+        return self.bias[0] if len(self.bias) == 1 else torch.cat(self.bias)
 
 
 def _weight_and_mask(module: nn.Linear) -> tuple[Tensor, Tensor]:
@@ -139,8 +153,11 @@ def _weight_and_mask(module: nn.Linear) -> tuple[Tensor, Tensor]:
     return module.weight, torch.ones_like(module.weight, dtype=torch.bool)
 
 
-def _group_layer(modules: list[nn.Linear], shared_input: bool) -> _GroupLayer:
-    """Stack the K copies of one layer into one CSR-indexed group layer."""
+def _group_layer(modules: list[nn.Linear], shared_input: bool, classes: list[int]) -> _GroupLayer:
+    """Stack the K copies of one layer into one CSR-indexed group layer.
+
+    ``classes`` counts the consecutive models of each schedule class (they sum to K).
+    """
     out_f, in_f = modules[0].out_features, modules[0].in_features
     rows, cols, values, masks, counts = [], [], [], [], []
     for k, module in enumerate(modules):
@@ -155,12 +172,14 @@ def _group_layer(modules: list[nn.Linear], shared_input: bool) -> _GroupLayer:
     shape = (k_models * out_f, in_f if shared_input else k_models * in_f)
     flat = torch.cat(values)
     index = _Index.build(torch.cat(rows), torch.cat(cols), shape, flat.dtype)
-    flat = flat.clone().requires_grad_(True)
+    bounds = [0, *itertools.accumulate(classes)]
+    nnz = [sum(counts[a:b]) for a, b in itertools.pairwise(bounds)]
+    leaves = [v.clone().requires_grad_(True) for v in flat.split(nnz)]
     bias = None
     if modules[0].bias is not None:
-        stacked = torch.cat([m.bias.detach() for m in modules])
-        bias = stacked.reshape(-1, 1).clone().requires_grad_(True)
-    return _GroupLayer(modules, masks, index, flat, bias, counts)
+        stacked = torch.cat([m.bias.detach() for m in modules]).reshape(-1, 1)
+        bias = [b.clone().requires_grad_(True) for b in stacked.split([n * out_f for n in classes])]
+    return _GroupLayer(modules, masks, index, leaves, bias, counts)
 
 
 def density(model: nn.Module) -> float:
@@ -186,10 +205,38 @@ def _signature(model: nn.Module, chain: list[ChainStep]) -> list[tuple[object, .
     return out
 
 
-def sparse_why_not(models: Sequence[nn.Module], x: Tensor, config: TrainConfig) -> str | None:
-    """Why the sparse engine cannot train ``models`` on ``x`` as ``config`` says (None: it can)."""
+SCHEDULE_FIELDS = ("steps", "lr", "schedule", "schedule_start", "schedule_steps")
+"""What the models of one sparse group may differ in: how long and at which rates they train.
+Everything else (batches, optimiser) they share."""
+
+
+def _configs(config: TrainConfig | Sequence[TrainConfig], n: int) -> list[TrainConfig]:
+    configs = [config] * n if isinstance(config, TrainConfig) else list(config)
+    if len(configs) != n:
+        raise ValueError(f"got {len(configs)} training configurations for {n} models")
+    return configs
+
+
+def _shared(config: TrainConfig) -> TrainConfig:
+    """``config`` with its schedule fields at their defaults: what a group's models share."""
+    return replace(config, steps=0, lr=1.0, schedule="constant", schedule_start=0,
+                   schedule_steps=0)  # fmt: skip
+
+
+def sparse_why_not(
+    models: Sequence[nn.Module], x: Tensor, config: TrainConfig | Sequence[TrainConfig]
+) -> str | None:
+    """Why the sparse engine cannot train ``models`` on ``x`` as ``config`` says (None: it can).
+
+    ``config`` may be one configuration per model; they may differ only in
+    :data:`SCHEDULE_FIELDS`.
+    """
     if not models:
         return "no models"
+    configs = _configs(config, len(models))
+    if len({_shared(c) for c in configs}) > 1:
+        return f"the models' configurations differ in more than {SCHEDULE_FIELDS}"
+    config = configs[0]
     if config.precision != "fp32":
         return f"precision {config.precision!r}: the sparse kernels run in the weights' dtype"
     try:
@@ -209,35 +256,42 @@ def sparse_why_not(models: Sequence[nn.Module], x: Tensor, config: TrainConfig) 
 
 
 class _Group:
-    """The K models as one sparse network: parameters, forward loss and write-back."""
+    """The K models as one sparse network: parameters, forward loss and write-back.
 
-    def __init__(self, models: Sequence[nn.Module]) -> None:
+    ``classes`` counts the consecutive models that share one schedule (default: all K).
+    """
+
+    def __init__(self, models: Sequence[nn.Module], classes: list[int] | None = None) -> None:
         self.models = list(models)
+        self.class_sizes = classes or [len(self.models)]
         chain = mlp_chain(self.models[0])
         self.plan: list[tuple[str, Any]] = []
         self.layers: list[_GroupLayer] = []
         for step in chain:
             if step.kind == "linear":
                 mods = [dict(m.named_modules())[step.name] for m in self.models]
-                layer = _group_layer(mods, shared_input=not self.layers)
+                layer = _group_layer(mods, not self.layers, self.class_sizes)
                 self.layers.append(layer)
                 self.plan.append(("linear", layer))
             else:
                 self.plan.append(("act", step.act_ or step.act))  # h is ours: in place
         self.classes = self.layers[-1].modules[0].out_features
+        self.final: dict[int, list[Tensor]] = {}  # class -> its leaves when its run ended
 
-    def parameters(self) -> list[Tensor]:
-        out = [layer.values for layer in self.layers]
-        return out + [layer.bias for layer in self.layers if layer.bias is not None]
+    def parameters(self, c: int = 0) -> list[Tensor]:
+        """The leaves of schedule class ``c``."""
+        out = [layer.values[c] for layer in self.layers]
+        return out + [layer.bias[c] for layer in self.layers if layer.bias is not None]
 
     def losses(self, xb: Tensor, yb: Tensor) -> Tensor:
         """Each model's mean cross-entropy on the batch, ``[K]``."""
         h = xb.reshape(xb.shape[0], -1).t().contiguous()  # [features, B]
         for kind, item in self.plan:
             if kind == "linear":
-                h = _SparseLinear.apply(item.values, h, item.index)
-                if item.bias is not None:
-                    h = h.add_(item.bias)  # in place: a fresh [K*out, B] buffer costs page faults
+                h = _SparseLinear.apply(item.weights(), h, item.index)
+                bias = item.biases()
+                if bias is not None:
+                    h = h.add_(bias)  # in place: a fresh [K*out, B] buffer costs page faults
             else:
                 h = item(h)
         k_models, batch = len(self.models), xb.shape[0]
@@ -246,10 +300,21 @@ class _Group:
         return F.cross_entropy(logits, target, reduction="none").mean(1)
 
     @torch.no_grad()
+    def finish(self, c: int) -> None:
+        """Class ``c`` has made its last update: keep its weights as they are now."""
+        self.final[c] = [p.detach().clone() for p in self.parameters(c)]
+
+    @torch.no_grad()
     def write_back(self) -> None:
         """Put each model's trained weights and biases back into its own modules."""
-        for layer in self.layers:
-            chunks = layer.values.detach().split(layer.counts)
+        n_layers = len(self.layers)
+        ended = [self.final.get(c, self.parameters(c)) for c in range(len(self.class_sizes))]
+        for i, layer in enumerate(self.layers):
+            chunks = torch.cat([leaves[i] for leaves in ended]).split(layer.counts)
+            biases = None
+            if layer.bias is not None:
+                b = n_layers + sum(lay.bias is not None for lay in self.layers[:i])
+                biases = torch.cat([leaves[b] for leaves in ended])
             out_f = layer.modules[0].out_features
             for k, (module, mask, chunk) in enumerate(
                 zip(layer.modules, layer.masks, chunks, strict=True)
@@ -257,8 +322,8 @@ class _Group:
                 weight, _ = _weight_and_mask(module)
                 weight.zero_()
                 weight[mask] = chunk  # boolean indexing is row-major, as the CSR order
-                if layer.bias is not None:
-                    module.bias.copy_(layer.bias.detach()[k * out_f : (k + 1) * out_f, 0])
+                if biases is not None:
+                    module.bias.copy_(biases[k * out_f : (k + 1) * out_f, 0])
                 refresh_pruned(module)
 
 
@@ -266,38 +331,63 @@ def train_sparse_group(
     models: Sequence[nn.Module],
     x: Tensor,
     y: Tensor,
-    config: TrainConfig,
+    config: TrainConfig | Sequence[TrainConfig],
     *,
     progress: Any = None,
 ) -> list[TrainResult]:
     """Train ``models`` in place as one grouped sparse network; one result per model, in order.
 
-    Each model ends as ``train(model, x, y, config)`` would leave it: the same batches (one
-    stream from ``config.seed``), a fresh optimiser each, masks fixed and masked weights
-    exactly zero. ``progress`` is an optional callable ``(steps_done, losses)`` invoked every
-    few steps (the sweep's bar). Raises ``ValueError`` when :func:`sparse_why_not` objects.
+    Each model ends as ``train(model, x, y, its config)`` would leave it: the same batches
+    (one stream from the shared seed), a fresh optimiser each, masks fixed and masked weights
+    exactly zero. ``config`` is one configuration or one per model; they may differ in
+    :data:`SCHEDULE_FIELDS` (fine-tuning, weight and learning-rate rewinding in one group):
+    each distinct configuration is one optimiser group with its own learning rates, and a
+    model whose run is shorter keeps the weights of its last update. ``progress`` is an
+    optional callable ``(steps_done, losses)`` invoked every few steps (the sweep's bar).
+    Raises ``ValueError`` when :func:`sparse_why_not` objects.
     """
     reason = sparse_why_not(models, x, config)
     if reason is not None:
         raise ValueError(f"the sparse engine cannot train these models: {reason}")
-    group = _Group(models)
-    optimizer = make_optimizer(group.parameters(), config)
-    stream = batch_stream(x, y, config)
-    tail_start = config.steps - min(LOSS_WINDOW, config.steps)
-    tail: list[Tensor] = []
+    configs = _configs(config, len(models))
+    kinds = list(dict.fromkeys(configs))  # one schedule class per distinct configuration
+    order = sorted(range(len(models)), key=lambda i: kinds.index(configs[i]))  # stable
+    sizes = [sum(c == kind for c in configs) for kind in kinds]
+    group = _Group([models[i] for i in order], sizes)
+    optimizer = make_optimizer(
+        [{"params": group.parameters(c), "lr": kind.lr} for c, kind in enumerate(kinds)],
+        kinds[0],
+    )
+    stream = batch_stream(x, y, kinds[0])
+    total = max(kind.steps for kind in kinds)
+    tail_start = min(kind.steps - min(LOSS_WINDOW, kind.steps) for kind in kinds)
+    tail: dict[int, Tensor] = {}
+    for c, kind in enumerate(kinds):
+        if kind.steps == 0:
+            group.finish(c)
     start = time.perf_counter()
-    for step in range(1, config.steps + 1):
-        set_lr(optimizer, config, step)
+    for step in range(1, total + 1):
+        for c, kind in enumerate(kinds):
+            if kind.schedule != "constant" and step <= kind.steps:
+                optimizer.param_groups[c]["lr"] = lr_at(kind, kind.schedule_start + step - 1)
         xb, yb = next(stream)
         losses = group.losses(xb, yb)
         optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
         optimizer.step()
         if step > tail_start:
-            tail.append(losses.detach())
-        if progress is not None and (step % 50 == 0 or step == config.steps):
+            tail[step] = losses.detach()
+        for c, kind in enumerate(kinds):
+            if step == kind.steps and len(kinds) > 1:
+                group.finish(c)
+        if progress is not None and (step % 50 == 0 or step == total):
             progress(step, losses)
     wall = time.perf_counter() - start
     group.write_back()
-    final = torch.stack(tail).float().mean(0).tolist() if tail else [math.nan] * len(models)
-    return [TrainResult(config.steps, loss, wall, {}, engine="sparse") for loss in final]
+    results: list[TrainResult | None] = [None] * len(models)
+    for position, i in enumerate(order):
+        steps = configs[i].steps
+        window = [tail[s][position] for s in range(steps - min(LOSS_WINDOW, steps) + 1, steps + 1)]
+        loss = torch.stack(window).float().mean().item() if window else math.nan
+        results[i] = TrainResult(steps, loss, wall, {}, engine="sparse")
+    return [r for r in results if r is not None]

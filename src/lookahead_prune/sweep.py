@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,12 @@ from .graph import prunable_layers
 from .mlp_chain import mlp_chain_or_none
 from .models import build_model, dense_layer_names
 from .pipeline import (
+    RETRAIN_MODES,
     DenseModel,
     LevelResult,
     Protocol,
     dense_model,
+    for_retrain,
     prune_and_retrain,
     prune_and_retrain_many,
     train_dense,
@@ -67,8 +69,22 @@ class Sweep:
     """Step fields (``train_steps``, ``retrain_steps``) each model takes from the paper
     (:data:`~lookahead_prune.train.PAPER_STEPS`) instead of the template: FCN 50k + 50k,
     Conv-6 30k + 20k, ..., as when a user gives no step counts."""
+    retrains: Sequence[str] = ()
+    """Retraining modes, each run for every (method, level) from one shared dense model
+    (empty: the template's). The template's ``retrain_steps`` is the budget t of
+    ``finetune`` and ``rewind-lr``; ``rewind-weights`` (to the template's ``rewind_step``)
+    and ``lottery`` retrain the rest of the first training (:func:`~.pipeline.for_retrain`)."""
+    snapshots: Sequence[int] = ()
+    """Further steps at which dense models keep their weights (for later weight rewinding
+    sweeps over the same dense models; never part of a key)."""
 
     def __post_init__(self) -> None:
+        retrains = list(dict.fromkeys(self.retrains or [self.protocol.retrain]))
+        unknown_modes = [m for m in retrains if m not in RETRAIN_MODES]
+        if unknown_modes:
+            raise ValueError(f"unknown retraining mode(s) {unknown_modes}; choose {RETRAIN_MODES}")
+        object.__setattr__(self, "retrains", retrains)
+        object.__setattr__(self, "snapshots", sorted(set(self.snapshots)))
         unknown_steps = set(self.paper_steps) - set(STEP_FIELDS)
         if unknown_steps:
             raise ValueError(f"paper_steps takes {STEP_FIELDS}, not {sorted(unknown_steps)}")
@@ -121,12 +137,22 @@ class Sweep:
         given = {name: steps[name] for name in self.paper_steps}
         return replace(self.protocol, model=model, dataset=dataset, seed=seed, **given)
 
-    def protocols(self) -> list[Protocol]:
-        """One protocol per (model, dataset, seed): each trains one dense model."""
+    def families(self) -> list[list[Protocol]]:
+        """Per (model, dataset, seed), one protocol per retraining mode: they share one dense
+        model (:meth:`Protocol.dense_config` does not depend on the mode)."""
         return [
-            self._for(m, d, s)
+            [for_retrain(self._for(m, d, s), mode) for mode in self.retrains]
             for m, d, s in itertools.product(self.models, self.datasets, self.seeds)
         ]
+
+    def protocols(self) -> list[Protocol]:
+        """Every protocol of the sweep: per (model, dataset, seed), one per retraining mode."""
+        return [p for family in self.families() for p in family]
+
+    def snapshot_steps(self, family: Sequence[Protocol]) -> list[int]:
+        """The steps a family's dense model keeps: 0, each rewind step, :attr:`snapshots`."""
+        steps = {0, *self.snapshots, *(p.rewind_key for p in family)}
+        return sorted(s for s in steps if s <= family[0].train_steps)
 
     def size(self) -> int:
         """Number of pruning runs in the grid."""
@@ -136,22 +162,35 @@ class Sweep:
 def protocol_lines(sweep: Sweep) -> list[str]:
     """One line per (model, dataset) saying what the sweep trains: steps, optimiser, data."""
     lines, seen = [], set()
-    for p in sweep.protocols():
+    for family in sweep.families():
+        p = family[0]
         if (p.model, p.dataset) in seen:
             continue
         seen.add((p.model, p.dataset))
         source = {True: " (the paper's)", False: ""}
         pq = ", ".join(f"{v:g}" for v in p.pq)
+        budget = sweep._for(p.model, p.dataset, p.seed).retrain_steps
+        retrain = ", ".join(_retrain_words(q, budget) for q in family)
         lines.append(
             f"protocol: {p.model} on {p.dataset}: train {p.train_steps} steps"
-            f"{source['train_steps' in sweep.paper_steps]}, retrain {p.retrain_steps} "
-            f"({p.retrain}){source['retrain_steps' in sweep.paper_steps]}; {p.optimizer} "
+            f"{source['train_steps' in sweep.paper_steps]}, retrain {retrain}"
+            f"{source['retrain_steps' in sweep.paper_steps]}; {p.optimizer} "
             f"lr {p.learning_rate:g} {p.schedule}, batch {p.batch_size}, augment "
             f"{'on' if p.augment else 'off'}; {p.mode} {p.scope}-scope levels "
             f"{','.join(map(str, sweep.levels))} (p, q = {pq}); seeds "
             f"{','.join(map(str, sweep.seeds))}; methods {','.join(sweep.methods)}"
         )
     return lines
+
+
+def _retrain_words(p: Protocol, budget: int) -> str:
+    """How one mode retrains, e.g. ``47500 (rewind-weights from step 2500: T - k, not 50000)``."""
+    words = f"{p.retrain_steps} ({p.retrain}"
+    if p.retrain == "rewind-weights":
+        words += f" from step {p.rewind_step}"
+    if p.retrain_steps != budget:
+        words += f": T - k, not {budget}"
+    return words + ")"
 
 
 @dataclass
@@ -170,21 +209,43 @@ def _dense_path(workdir: Path, protocol: Protocol) -> Path:
     return workdir / f"dense-{config_hash(protocol.dense_config())}.pt"
 
 
+def load_dense(path: Path) -> DenseModel:
+    """A dense model from its checkpoint (older ones, with one ``rewind`` state, too)."""
+    try:
+        return DenseModel.from_state(load_checkpoint(path))
+    except ValueError as error:
+        raise CheckpointError(
+            f"dense checkpoint {path}: {error} (written by another version?); delete the file "
+            "and rerun to retrain it"
+        ) from None
+
+
 def get_dense(
-    protocol: Protocol, data: ImageDataset, workdir: Path, *, progress: bool = False
-) -> tuple[DenseModel, bool]:
-    """The trained dense model from its checkpoint, training (and saving) it if missing."""
+    protocol: Protocol, data: ImageDataset, workdir: Path, *, progress: bool = False,
+    snapshot_steps: Sequence[int] = (),
+) -> tuple[DenseModel, bool]:  # fmt: skip
+    """The trained dense model from its checkpoint, training (and saving) it if missing.
+
+    A checkpoint that lacks a wanted snapshot (a rewind step no earlier sweep needed) is
+    trained again with every snapshot; training is deterministic on CPU, so the final weights
+    must come out as stored (else ``CheckpointError``), and the richer checkpoint replaces it.
+    """
     path = _dense_path(workdir, protocol)
-    if path.exists():
-        state = load_checkpoint(path)
-        wanted = {f.name for f in fields(DenseModel)}
-        if set(state) != wanted:
+    wanted = {0, protocol.rewind_key, *snapshot_steps}
+    old = load_dense(path) if path.exists() else None
+    if old is not None and wanted <= set(old.snapshots):
+        return old, False
+    steps = wanted | set(old.snapshots if old else ())
+    dense = train_dense(protocol, data, progress=progress, snapshot_steps=sorted(steps))
+    if old is not None:
+        if any(not torch.equal(old.state[k], v) for k, v in dense.state.items()):
             raise CheckpointError(
-                f"dense checkpoint {path} has keys {sorted(state)}, not {sorted(wanted)} "
-                "(written by another version?); delete the file and rerun to retrain it"
+                f"retraining dense model {path.name} to add snapshots at steps "
+                f"{sorted(wanted - set(old.snapshots))} gave other weights than it holds "
+                "(another device or torch version?); sweep with the rewind steps it has, "
+                "or delete it and every run that used it"
             )
-        return DenseModel(**state), False
-    dense = train_dense(protocol, data, progress=progress)
+        dense.wall_time = old.wall_time
     save_checkpoint(path, asdict(dense))
     return dense, True
 
@@ -350,62 +411,85 @@ class _Runner:
         self.stats.skipped += len(new)
         self.bar.update(len(new))
 
+    def run_family(
+        self, family: Sequence[Protocol], methods: Sequence[str], levels: Sequence[int],
+        data_for: Callable[[Protocol], ImageDataset], snapshot_steps: Sequence[int] = (),
+    ) -> bool:  # fmt: skip
+        """Run what is missing of one dense model's protocols (one per retraining mode) and
+        not claimed by another sweep.
+
+        True when every run of them is stored (by this sweep or another one).
+        """
+        plan = [(p, m, lv) for p in family for m in methods for lv in sorted(levels)]
+        keys = [self.key(*job) for job in plan]
+        self.account(keys)
+        if all(k in self.accounted for k in keys):
+            return True
+        first = family[0]
+        data = data_for(first)
+        dense = self.dense(first, data, snapshot_steps)
+        if dense is None:
+            return False  # another sweep is training it: come back later
+        if first.mode == "oneshot":
+            todo = [job for job, k in zip(plan, keys, strict=True) if k not in self.accounted]
+            self.oneshot(first, dense, data, todo)
+        else:
+            for protocol in family:
+                self.iterative(protocol, dense, data, methods, levels)
+        self.account(keys)
+        return all(k in self.accounted for k in keys)
+
     def run_protocol(
         self, protocol: Protocol, methods: Sequence[str], levels: Sequence[int],
         data_for: Callable[[Protocol], ImageDataset],
     ) -> bool:  # fmt: skip
-        """Run what is missing of one protocol and not claimed by another sweep.
+        """:meth:`run_family` for one protocol."""
+        return self.run_family([protocol], methods, levels, data_for)
 
-        True when every run of the protocol is stored (by this sweep or another one).
-        """
-        plan = [(m, lv) for m in methods for lv in sorted(levels)]
-        keys = [self.key(protocol, *job) for job in plan]
-        self.account(keys)
-        if all(k in self.accounted for k in keys):
-            return True
-        data = data_for(protocol)
-        dense = self.dense(protocol, data)
-        if dense is None:
-            return False  # another sweep is training it: come back later
-        if protocol.mode == "oneshot":
-            todo = [job for job, k in zip(plan, keys, strict=True) if k not in self.accounted]
-            self.oneshot(protocol, dense, data, todo)
-        else:
-            self.iterative(protocol, dense, data, methods, levels)
-        self.account(keys)
-        return all(k in self.accounted for k in keys)
-
-    def dense(self, protocol: Protocol, data: ImageDataset) -> DenseModel | None:
+    def dense(
+        self, protocol: Protocol, data: ImageDataset, snapshot_steps: Sequence[int] = ()
+    ) -> DenseModel | None:
         """The dense model, trained here unless another sweep is training it (then None)."""
-        if _dense_path(self.workdir, protocol).exists():
-            return get_dense(protocol, data, self.workdir)[0]
+        wanted = {0, protocol.rewind_key, *snapshot_steps}
+        path = _dense_path(self.workdir, protocol)
+        if path.exists():
+            stored = load_dense(path)
+            if wanted <= set(stored.snapshots):
+                return stored
         claim = "dense:" + config_hash(protocol.dense_config())
         if not self.claims.take([claim]):
             return None
         try:
             t0 = time.perf_counter()
-            dense, trained = get_dense(protocol, data, self.workdir, progress=self.progress)
+            dense, trained = get_dense(
+                protocol, data, self.workdir, progress=self.progress,
+                snapshot_steps=sorted(wanted),
+            )  # fmt: skip
         finally:
             self.claims.release([claim])
         if trained:
             self.stats.dense_trained += 1
             self.log(
                 f"dense {protocol.model}/{protocol.dataset} seed {protocol.seed}: "
-                f"test acc {100 * dense.test_acc:.2f}% ({time.perf_counter() - t0:.1f}s)"
+                f"test acc {100 * dense.test_acc:.2f}% ({time.perf_counter() - t0:.1f}s; "
+                f"snapshots at steps {sorted(dense.snapshots)})"
             )
         return dense
 
     def oneshot(
-        self, protocol: Protocol, dense: DenseModel, data: ImageDataset, todo: list[tuple[str, int]]
-    ) -> None:
+        self, protocol: Protocol, dense: DenseModel, data: ImageDataset,
+        todo: list[tuple[Protocol, str, int]],
+    ) -> None:  # fmt: skip
         """Every level pruned from the dense model; retrained in groups (see :func:`group_size`).
 
-        Each group's runs are claimed first; runs another sweep holds are left to it.
+        ``todo`` holds (protocol, method, level): the protocols differ only in how they
+        retrain, so one group mixes them where the engine can (sparse). Each group's runs are
+        claimed first; runs another sweep holds are left to it.
         """
         size = self.batch_models or group_size(protocol, self.device, len(todo))
         for i in range(0, len(todo), size):
             group = todo[i : i + size]
-            keys = [self.key(protocol, *job) for job in group]
+            keys = [self.key(*job) for job in group]
             taken = set(self.claims.take(keys))
             try:
                 mine = [
@@ -415,20 +499,23 @@ class _Runner:
                 if not mine:
                     continue
                 models = [dense_model(protocol, dense, data) for _ in mine]
-                results, wall = self._retrain_group(protocol, models, dense, data, mine)
-                for job, result in zip(mine, results, strict=True):
-                    self.record(protocol, dense, job, result, wall)
+                results, wall = self._retrain_group(
+                    protocol, models, dense, data, [(m, lv) for _, m, lv in mine],
+                    protocols=[p for p, _, _ in mine],
+                )  # fmt: skip
+                for (own, method, level), result in zip(mine, results, strict=True):
+                    self.record(own, dense, (method, level), result, wall)
             finally:
                 self.claims.release(taken)
 
     def _retrain_group(
         self, protocol: Protocol, models: list[nn.Module], dense: DenseModel, data: ImageDataset,
-        jobs: list[tuple[str, int]],
+        jobs: list[tuple[str, int]], protocols: Sequence[Protocol] | None = None,
     ) -> tuple[list[LevelResult], float]:  # fmt: skip
         """Prune and retrain ``models`` as one group: their results, each run's time share."""
         start = time.perf_counter()
         results = prune_and_retrain_many(
-            protocol, models, dense, data, jobs, progress=self.progress
+            protocol, models, dense, data, jobs, progress=self.progress, protocols=protocols
         )
         return results, (time.perf_counter() - start) / len(jobs)
 
@@ -569,12 +656,13 @@ def run_sweep(
             sorted(sweep.levels), progress, log,
         )  # fmt: skip
         try:  # the bar closes before any error is printed, so the two never share a line
-            pending = sweep.protocols()
+            pending = sweep.families()
             told = False
             while pending:
                 pending = [
-                    p for p in pending
-                    if not runner.run_protocol(p, sweep.methods, sweep.levels, data_for)
+                    f for f in pending
+                    if not runner.run_family(f, sweep.methods, sweep.levels, data_for,
+                                             sweep.snapshot_steps(f))
                 ]  # fmt: skip
                 if pending:
                     if not told:

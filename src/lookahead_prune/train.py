@@ -87,6 +87,10 @@ class TrainConfig:
     """Hyper-parameters of one fixed-step training run; the defaults are the paper's recipe.
 
     ``weight_decay`` is L2 added to the gradient (``torch.optim.Adam``/``SGD`` semantics).
+    The learning-rate schedule is that of a run of ``schedule_steps`` updates (0: ``steps``),
+    entered at update ``schedule_start``: update ``i`` (0-based) of this run uses
+    ``lr_at(config, schedule_start + i)``. Retraining uses this to replay a part of the
+    first training's schedule (weight and learning-rate rewinding, Renda et al., 2020).
     """
 
     steps: int
@@ -103,6 +107,8 @@ class TrainConfig:
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
+    schedule_start: int = 0
+    schedule_steps: int = 0
 
     def __post_init__(self) -> None:
         problems = []
@@ -124,8 +130,17 @@ class TrainConfig:
             problems.append(f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
         if not isinstance(self.eval_every, int) or self.eval_every < 0:
             problems.append(f"eval_every must be an integer >= 0, got {self.eval_every!r}")
+        for name in ("schedule_start", "schedule_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                problems.append(f"{name} must be an integer >= 0, got {value!r}")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+    @property
+    def horizon(self) -> int:
+        """Length of the run the schedule is read from: ``schedule_steps``, else ``steps``."""
+        return self.schedule_steps or self.steps
 
     @classmethod
     def paper(cls, model_name: str, phase: str = "train", **overrides: Any) -> TrainConfig:
@@ -210,17 +225,19 @@ def pick_device(requested: str | torch.device | None = None) -> torch.device:
 
 
 def lr_at(config: TrainConfig, step: int) -> float:
-    """Learning rate for the update that follows ``step`` earlier updates (0-based).
+    """Learning rate of update ``step`` (0-based) of a run of ``config.horizon`` updates.
 
-    ``constant`` keeps ``lr``; ``cosine`` decays it to 0 at ``config.steps``; ``step``
-    divides it by 10 after 50% and again after 75% of the steps. Restarting the count
-    at 0 is learning-rate rewinding.
+    ``constant`` keeps ``lr``; ``cosine`` decays it to 0 at the horizon; ``step`` divides it
+    by 10 for the updates from 50% of the horizon on and again from 75% on: with 50,000
+    steps, updates 0..24,999 use ``lr``, 25,000..37,499 ``lr/10``, 37,500..49,999
+    ``lr/100``. ``step`` is absolute: :func:`set_lr` adds ``config.schedule_start``.
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
-    if config.schedule == "constant" or config.steps == 0:
+    horizon = config.horizon
+    if config.schedule == "constant" or horizon == 0:
         return config.lr
-    progress = min(step, config.steps) / config.steps
+    progress = min(step, horizon) / horizon
     if config.schedule == "cosine":
         return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
     passed = sum(progress >= milestone for milestone in STEP_MILESTONES)
@@ -373,7 +390,7 @@ def _checkpoint_steps(checkpoints: Iterable[int], steps: int) -> frozenset[int]:
     return wanted
 
 
-def make_optimizer(params: list[Tensor], config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: list[Any], config: TrainConfig) -> torch.optim.Optimizer:
     """Adam or SGD over ``params`` as ``config`` says, fused kernels where this torch has them.
 
     Every engine builds its optimiser here, so all of them update weights alike.
@@ -393,10 +410,11 @@ def make_optimizer(params: list[Tensor], config: TrainConfig) -> torch.optim.Opt
 
 
 def set_lr(optimizer: torch.optim.Optimizer, config: TrainConfig, step: int) -> None:
-    """Set the learning rate of update ``step`` (1-based) from the schedule; constant: no-op."""
+    """Set the learning rate of update ``step`` (1-based) of this run from the schedule, entered
+    at ``config.schedule_start``; constant: no-op."""
     if config.schedule != "constant":
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(config, step - 1)
+            group["lr"] = lr_at(config, config.schedule_start + step - 1)
 
 
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
