@@ -229,7 +229,7 @@ def test_one_sweep_runs_several_modes_from_one_dense_model_in_one_group(tmp_path
     db = tmp_path / "r.sqlite"
     base = ["sweep", "--model", "fcn", "--methods", "mp,lap", "--levels", "4,6", "--quiet",
             "--train-steps", "40", "--retrain-steps", "12", "--subset", "600",
-            "--schedule", "step", "--rewind-step", "10"]  # fmt: skip
+            "--schedule", "step", "--rewind-step", "10", "--eval-examples", "500"]  # fmt: skip
     mixed = [*base, "--retrain", "finetune,rewind-lr,lottery,rewind-weights", "--db", str(db)]
     assert main(mixed) == 0
     out = capsys.readouterr().out
