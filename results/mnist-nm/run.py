@@ -20,6 +20,7 @@ import torch
 import lookahead_prune as lp
 from lookahead_prune.data import load_dataset
 from lookahead_prune.models import build_model
+from lookahead_prune.store import code_version
 from lookahead_prune.train import TrainConfig, evaluate, train
 
 METHODS = ("mp", "lap", "lap-forward")
@@ -67,7 +68,10 @@ def main() -> None:
     for method in METHODS:
         print(f"| {method} | {cell([b for b, _ in rows[method]])} | "
               f"{cell([a for _, a in rows[method]])} |")  # fmt: skip
-    print(f"\nwall time {time.perf_counter() - start:.0f} s, torch {torch.__version__}")
+    print(
+        f"\nwall time {time.perf_counter() - start:.0f} s, torch {torch.__version__}, "
+        f"code {code_version()}"
+    )
 
 
 if __name__ == "__main__":
