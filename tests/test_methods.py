@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import pickle
 import warnings
 
 import pytest
@@ -65,6 +66,8 @@ def test_compute_masks_returns_what_it_approximated():
         warnings.simplefilter("ignore")
         report = lp.prune(CumSum(), "lap", 0.5, example_inputs=x, strict=False)
     assert report.approximated == result.approximated
+    again = pickle.loads(pickle.dumps(result))
+    assert again.approximated == result.approximated and again.spec == spec
     # a score that never reads a neighbour traces nothing and approximates nothing
     assert lp.compute_masks(CumSum(), "mp", 0.5, strict=False).approximated == ()
 

@@ -14,6 +14,7 @@ import numbers
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -109,6 +110,9 @@ class Masks(tuple[dict[str, Tensor], MethodSpec]):
         self = super().__new__(cls, (masks, spec))
         self.approximated = approximated
         return self
+
+    def __getnewargs__(self) -> tuple[Any, ...]:  # pickle and deepcopy rebuild it whole
+        return (self[0], self[1], self.approximated)
 
     @property
     def masks(self) -> dict[str, Tensor]:
