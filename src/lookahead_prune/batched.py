@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from .train import TrainConfig, TrainResult, batch_stream, set_lr
+from .train import TrainConfig, TrainResult, batch_stream, make_optimizer, set_lr
 
 
 def batchable(models: Sequence[nn.Module]) -> bool:
@@ -58,19 +58,6 @@ def _check_models(models: Sequence[nn.Module]) -> None:
                     f"module '{name}' ({type(module).__name__}) draws randomness that vmap "
                     "does not batch here; use train() per model"
                 )
-
-
-def _optimizer(params: list[Tensor], config: TrainConfig) -> torch.optim.Optimizer:
-    """Adam/SGD over the stacked tensors, unfused on purpose.
-
-    train.py's fused optimiser over stacked tensors drifted ~5e-3 from separate runs within
-    25 steps in tests/test_batched.py; the unfused one stays within 1e-4.
-    """
-    if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(
-        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
 
 
 def train_batched(
@@ -113,7 +100,9 @@ def train_batched(
         return F.cross_entropy(logits.float(), yb)
 
     batched_loss = vmap(loss_one, in_dims=(0, 0, None if shared else 0, None if shared else 0))
-    optimizer = _optimizer(list(params.values()), config)
+    # unfused on purpose: train.py's fused optimiser over stacked tensors drifted ~5e-3 from
+    # separate runs within 25 steps in tests/test_batched.py; the unfused one stays within 1e-4
+    optimizer = make_optimizer(list(params.values()), config, fused=False)
     tail: list[Tensor] = []
     tail_start = config.steps - min(100, config.steps)
     modes = [(m, m.training) for model in models for m in model.modules()]

@@ -65,6 +65,6 @@ def recalibrate_batchnorm(
     finally:
         for m, momentum in momenta:
             m.momentum = momentum
-        for m, training in modes:
+        for m, training in modes:  # type: ignore[assignment]
             m.training = training
     return len(norms)

@@ -118,7 +118,7 @@ def load_checkpoint(
         )
     _verify_archive(path, cache)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)  # type: ignore[arg-type]
     except pickle.UnpicklingError as err:
         # A forbidden class or function names itself as an "Unsupported global"; other
         # weights-only failures (unknown opcodes, ...) come from damaged bytes.

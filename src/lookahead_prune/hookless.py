@@ -77,11 +77,11 @@ class HooklessMasks:
             if not keys:
                 continue
             pruning = [hooks[k] for k in keys]
-            self._saved.append((module, dict(hooks), pruning))
+            self._saved.append((module, dict(hooks), pruning))  # type: ignore[arg-type]
             for key in keys:
                 del hooks[key]
             for hook in pruning:
-                name = hook._tensor_name
+                name = hook._tensor_name  # type: ignore[attr-defined]
                 module.__dict__[name] = getattr(module, name + "_orig")
 
     def release(self) -> None:

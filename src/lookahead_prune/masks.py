@@ -6,12 +6,14 @@ parametrisation: :class:`WeightMask`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
+
+from .graph.layers import weight_name
 
 
 class WeightMask(nn.Module):
@@ -55,6 +57,11 @@ def current_mask(module: nn.Module, name: str = "weight") -> Tensor:
             return masked.mask.detach().bool()
         return torch.ones_like(_weight(module, name), dtype=torch.bool)
     return mask.detach().bool()
+
+
+def layer_mask(module: nn.Module) -> Tensor:
+    """The current mask of a prunable layer's weight (whatever its parameter is called)."""
+    return current_mask(module, weight_name(module))
 
 
 def _weight(module: nn.Module, name: str) -> Tensor:
@@ -223,3 +230,58 @@ def nm_mask(scores: Tensor, n: int, m: int, alive: Tensor | None = None) -> Tens
     if alive is not None:
         keep &= _grouped(alive.bool(), m)
     return _ungrouped(keep, scores)
+
+
+_OLD_HOOKS = {
+    "WeightNorm": ("weight_norm", "remove_weight_norm"),
+    "SpectralNorm": ("spectral_norm", "remove_spectral_norm"),
+}
+
+
+def unmaskable(module: nn.Module, name: str = "weight") -> str | None:
+    """Why a layer's weight cannot be masked (with the fix), or None when it can."""
+    wn = name
+    for hook in module._forward_pre_hooks.values():
+        kind = _OLD_HOOKS.get(type(hook).__name__)
+        if kind is not None and getattr(hook, "name", wn) == wn:
+            return (
+                f"its weight is computed by the hook-based torch.nn.utils.{kind[0]}, which no "
+                f"mask can follow; switch to torch.nn.utils.parametrizations.{kind[0]} (after "
+                f"torch.nn.utils.{kind[1]}), which is pruned like any layer"
+            )
+    if hasattr(module, f"{wn}_orig") and hasattr(module, f"{wn}_mask"):
+        return None  # torch.nn.utils.prune's reparametrisation
+    if parametrize.is_parametrized(module, wn):
+        return None  # masked as one more parametrisation
+    if isinstance(module._parameters.get(wn), nn.Parameter):
+        return None
+    return (
+        f"its weight is a {type(getattr(module, wn, None)).__name__}, not a parameter or a "
+        f"parametrised one; register it with torch.nn.utils.parametrize"
+    )
+
+
+def refuse_tied_weights(
+    model: nn.Module, modules: Mapping[str, nn.Module], targets: Iterable[str]
+) -> None:
+    """Refuse to prune a weight that several places share (tied embeddings, reused layers).
+
+    A mask lives on one module; the other users of the same Parameter would keep reading the
+    unmasked tensor, so the tie would break silently and the kept counts would be wrong.
+    """
+    users: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        users.setdefault(param.data_ptr(), []).append(name)
+    for name in targets:
+        module = modules[name]
+        wn = weight_name(module)
+        weight = getattr(module, f"{wn}_orig", None)
+        weight = weight if isinstance(weight, Tensor) else getattr(module, wn)
+        shared = sorted(set(users.get(weight.data_ptr(), [])))
+        own = {f"{name}.{attr}" if name else attr for attr in (wn, f"{wn}_orig")}
+        others = [n for n in shared if n not in own]
+        if others:
+            raise ValueError(
+                f"layer '{name}' shares its weight with {others} (tied parameters): one mask "
+                f"cannot keep the tie; untie them or pass exclude=['{name}'] to leave it dense"
+            )

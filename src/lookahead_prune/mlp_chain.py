@@ -165,7 +165,7 @@ def _step(node: fx.Node, modules: dict[str, nn.Module], *, seen_linear: bool) ->
                 return fn(t, **kwargs)
 
             in_place = None if kwargs else _IN_PLACE.get(fn)
-            signature = (fn, tuple(sorted(kwargs.items())))
+            signature = (fn, tuple(sorted(kwargs.items())))  # type: ignore[assignment]
             return [ChainStep("act", node.name, act, signature, in_place)]
     if node.op == "call_method" and node.target in _FLATTEN_METHODS and not seen_linear:
         return []

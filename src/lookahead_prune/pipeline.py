@@ -34,19 +34,12 @@ from .data.sources import SOURCES
 from .engines import ENGINE_CHOICES, train_many
 from .graph import GRAPH_MODES, prunable_layers
 from .masks import parse_nm
+from .methods import MethodSpec, canonical_method, resolve
 from .models import build_model, dense_layer_names
 from .models.activations import ACTIVATIONS
 from .progress import progress_bar
-from .prune import (
-    LayerResult,
-    PruneReport,
-    canonical_method,
-    excluded_layers,
-    parse_method,
-    prune,
-)
+from .prune import LayerResult, PruneReport, excluded_layers, prune
 from .schedule import kept_fraction, level_keep, paper_pq
-from .scores import score_spec
 from .train import (
     OPTIMIZERS,
     PRECISIONS,
@@ -192,7 +185,7 @@ class Protocol:
                 f"rewind_step must be within the first training (0..{self.train_steps}), "
                 f"not {self.rewind_step}"
             )
-        wanted = retrain_length(self.retrain, self.train_steps, self.retrain_steps,
+        wanted = retrain_length(self.retrain, self.train_steps, self.retrain_steps,  # type: ignore[assignment]
                                 self.rewind_key)  # fmt: skip
         if self.retrain_steps != wanted:
             raise ValueError(
@@ -373,9 +366,9 @@ def _train_subset(protocol: Protocol, data: ImageDataset) -> tuple[torch.Tensor,
     return data.train_x[:n], data.train_y[:n]
 
 
-def _score_data(protocol: Protocol, method: str, data: ImageDataset) -> torch.Tensor | None:
+def _score_data(protocol: Protocol, spec: MethodSpec, data: ImageDataset) -> torch.Tensor | None:
     """The first ``score_examples`` training inputs, for methods that measure the model."""
-    if score_spec(parse_method(method).score).data is None:
+    if spec.entry.data is None:
         return None
     return data.train_x[: protocol.score_examples]
 
@@ -484,7 +477,7 @@ def prune_and_retrain_many(
     models: Sequence[nn.Module],
     dense: DenseModel,
     data: ImageDataset,
-    jobs: Sequence[tuple[str, int]],
+    jobs: Sequence[tuple[str | MethodSpec, int]],
     *,
     progress: bool = False,
     protocols: Sequence[Protocol] | None = None,
@@ -502,20 +495,22 @@ def prune_and_retrain_many(
     configs = []
     protocols = list(protocols) if protocols is not None else [protocol] * len(models)
     for model, (method, level), own in zip(models, jobs, protocols, strict=True):
+        spec = resolve(method)  # once; the spec travels from here
         dense_names = dense_layer_names(model) + tuple(
             excluded_layers(prunable_layers(model), protocol.exclude)
         )
-        keep: float | str | dict[str, float] = level_keep(model, level, p, q, dense=dense_names)
+        per_layer = level_keep(model, level, p, q, dense=dense_names)
+        keep: float | str | dict[str, float] = per_layer
         layers, exclude = None, protocol.exclude
         if protocol.nm:  # N:M on every layer the level would prune; the level only labels
             keep, exclude = protocol.nm, tuple(dense_names)
         elif protocol.scope == "global":  # the same overall budget, spread by one threshold
-            layers = list(keep)
-            keep = kept_fraction(model, keep)
+            layers = list(per_layer)
+            keep = kept_fraction(model, per_layer)
         reports.append(
             prune(
                 model,
-                method,
+                spec,
                 keep,
                 scope=protocol.scope,
                 layers=layers,
@@ -523,7 +518,7 @@ def prune_and_retrain_many(
                 graph=protocol.graph,
                 exclude=exclude,
                 seed=protocol.seed,
-                data=_score_data(protocol, method, data),
+                data=_score_data(protocol, spec, data),
             )
         )
         before.append(evaluate(model, *_test_set(protocol, data)))

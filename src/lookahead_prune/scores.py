@@ -58,7 +58,7 @@ class Neighbourhood:
         return self.weights[self.layer.name]
 
     def _scale(self, bn: nn.Module) -> Tensor:
-        return batchnorm_scale(bn if self.bn else None, bn.num_features, self.weight)
+        return batchnorm_scale(bn if self.bn else None, bn.num_features, self.weight)  # type: ignore[arg-type]
 
     def _back_scale(self, bns: tuple, n: int) -> Tensor:
         """Per input unit u: product of the batch-norm scales met on the path (Eq. 9's a_{i-1})."""

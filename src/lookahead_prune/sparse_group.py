@@ -39,8 +39,8 @@ from .train import (
     TrainConfig,
     TrainResult,
     batch_stream,
-    lr_at,
     make_optimizer,
+    set_lr,
 )
 
 __all__ = ["density", "sparse_why_not", "train_sparse_group"]
@@ -86,7 +86,7 @@ class _SparseLinear(torch.autograd.Function):
     """``W h`` for a CSR-indexed ``W`` given by its surviving ``values``; ``h`` is [in, B]."""
 
     @staticmethod
-    def forward(ctx: Any, values: Tensor, h: Tensor, index: _Index) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, values: Tensor, h: Tensor, index: _Index) -> Tensor:
         ctx.save_for_backward(values, h)
         ctx.index = index
         # detached: embedding_bag given inputs that require grad takes a 5x slower path
@@ -94,7 +94,7 @@ class _SparseLinear(torch.autograd.Function):
         return _gather_sum(index.col, h.detach(), index.crow, values.detach(), index.rows)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         values, h = ctx.saved_tensors
         index: _Index = ctx.index
         grad = grad.contiguous()
@@ -367,9 +367,7 @@ def train_sparse_group(
             group.finish(c)
     start = time.perf_counter()
     for step in range(1, total + 1):
-        for c, kind in enumerate(kinds):
-            if kind.schedule != "constant" and step <= kind.steps:
-                optimizer.param_groups[c]["lr"] = lr_at(kind, kind.schedule_start + step - 1)
+        set_lr(optimizer, kinds, step)  # one schedule per class, each its own group
         xb, yb = next(stream)
         losses = group.losses(xb, yb)
         optimizer.zero_grad(set_to_none=True)

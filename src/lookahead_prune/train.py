@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -282,7 +282,7 @@ def train(
     wanted = _checkpoint_steps(checkpoints, config.steps)
     stream = batch_stream(x, y, config)
     if config.channels_last:
-        model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     loss_of = forward_loss(config, model)
     hookless = HooklessMasks(model)
     every = config.eval_every
@@ -390,10 +390,15 @@ def _checkpoint_steps(checkpoints: Iterable[int], steps: int) -> frozenset[int]:
     return wanted
 
 
-def make_optimizer(params: list[Any], config: TrainConfig) -> torch.optim.Optimizer:
-    """Adam or SGD over ``params`` as ``config`` says, fused kernels where this torch has them.
+def make_optimizer(
+    params: list[Any], config: TrainConfig, *, fused: bool = True
+) -> torch.optim.Optimizer:
+    """Adam or SGD over ``params`` (tensors or parameter groups) as ``config`` says: its
+    ``optimizer``, ``lr``, ``weight_decay`` and ``momentum``.
 
-    Every engine builds its optimiser here, so all of them update weights alike.
+    Every engine builds its optimiser here, so all of them update weights alike; ``fused``
+    kernels are used where this torch has them unless ``fused=False`` (the vmap engine: the
+    fused kernels over stacked tensors drift from separate runs, see :mod:`.batched`).
     """
     if not params:
         raise ValueError("no trainable parameters")
@@ -403,18 +408,32 @@ def make_optimizer(params: list[Any], config: TrainConfig) -> torch.optim.Optimi
     else:
         factory = torch.optim.SGD
         kwargs["momentum"] = config.momentum
+    if not fused:
+        return factory(params, **kwargs)
     try:  # fused Adam/SGD run ~1.5x faster on CPU; older torch only fuses on CUDA
         return factory(params, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):
         return factory(params, **kwargs)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, config: TrainConfig, step: int) -> None:
+def set_lr(
+    optimizer: torch.optim.Optimizer, config: TrainConfig | Sequence[TrainConfig], step: int
+) -> None:
     """Set the learning rate of update ``step`` (1-based) of this run from the schedule, entered
-    at ``config.schedule_start``; constant: no-op."""
-    if config.schedule != "constant":
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(config, config.schedule_start + step - 1)
+    at ``config.schedule_start``; constant: no-op.
+
+    ``config`` may be one configuration per parameter group (the sparse engine trains models
+    with different schedules as one optimiser's groups); a group whose run is over
+    (``step > config.steps``) keeps its rate.
+    """
+    if isinstance(config, TrainConfig):
+        if config.schedule != "constant":
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(config, config.schedule_start + step - 1)
+        return
+    for group, own in zip(optimizer.param_groups, config, strict=True):
+        if own.schedule != "constant" and step <= own.steps:
+            group["lr"] = lr_at(own, own.schedule_start + step - 1)
 
 
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]

@@ -85,7 +85,7 @@ def read_idx(path: str | Path, *, limit: int | None = None) -> tuple[int, np.nda
     try:
         if path.suffix == ".gz":
             with gzip.open(path, "rb") as handle:
-                return _parse(path, handle, limit)
+                return _parse(path, handle, limit)  # type: ignore[arg-type]
         with open(path, "rb") as handle:
             return _parse(path, handle, limit)
     except (EOFError, zlib.error, gzip.BadGzipFile) as err:

@@ -245,7 +245,7 @@ def _sequential_graph(
         layer = layers[name]
         own_bn = _bn_path(layer.batchnorm, torch.arange(layer.out_units))
         if i == 0:
-            layer.in_open += 1
+            layer.in_open += 1  # type: ignore[assignment]
         else:
             prev = layers[names[i - 1]]
             if layer.in_units % prev.out_units:
@@ -262,7 +262,7 @@ def _sequential_graph(
             if own_bn:
                 layer.out_open_bn.append((torch.arange(layer.out_units), own_bn))
             else:
-                layer.out_open += 1
+                layer.out_open += 1  # type: ignore[assignment]
     return LayerGraph(layers, "sequential", capture="sequential")
 
 

@@ -120,7 +120,7 @@ def build_model(
             torch.manual_seed(seed)
             model = MODELS[name](**kwargs)
     # The recipe, so a compact file (lp.save_sparse) can rebuild the architecture by itself.
-    model.lap_architecture = {"name": name, **kwargs}
+    model.lap_architecture = {"name": name, **kwargs}  # type: ignore[assignment]
     return model
 
 
