@@ -227,9 +227,10 @@ def appendix_b(out: Path, rows: list[dict[str, Any]]) -> None:
         gap_m, gap_s = _stats(
             [100 * (r["train_acc_retrained"] - r["test_acc_retrained"]) for r in runs]
         )
-        lines.append((method, f"{keep:.2f}", f"{train_m:.2f}", f"{test_m:.2f}", f"{gap_m:.2f}",
-                      f"{gap_s:.2f}"))  # fmt: skip
-    header = ["method", "keep_percent", "train_acc_mean", "test_acc_mean", "gap_mean", "gap_std"]
+        lines.append((method, f"{keep:.2f}", len(runs), f"{train_m:.2f}", f"{test_m:.2f}",
+                      f"{gap_m:.2f}", f"{gap_s:.2f}"))  # fmt: skip
+    header = ["method", "keep_percent", "n_seeds", "train_acc_mean", "test_acc_mean", "gap_mean",
+              "gap_std"]  # fmt: skip
     _write_csv(out / "appendix_b.csv", header, lines)
     sub = [r for r in rows if r["method"] in ("mp", "lap")]
     for r in sub:
@@ -312,9 +313,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("db", nargs="?", default=str(HERE / "mnist-full.sqlite"))
     parser.add_argument("--out", default="mnist", help="folder prefix under results/")
+    parser.add_argument(
+        "--extra", action="append", default=None,
+        help="database of runs that only Appendix B and the beyond rows read (default: "
+        "mnist-full-extra.sqlite beside the full protocol's, where it exists)",
+    )  # fmt: skip
     args = parser.parse_args()
     with RunStore(args.db) as store:
         every = newest(store.runs(dataset="mnist", retrain="finetune"))
+    extra_dbs = args.extra
+    if extra_dbs is None:
+        default = HERE / "mnist-full-extra.sqlite"
+        extra_dbs = [str(default)] if args.db == str(HERE / "mnist-full.sqlite") else []
+        extra_dbs = [d for d in extra_dbs if Path(d).exists()]
+    extra: list[dict[str, Any]] = []
+    for db in extra_dbs:  # Appendix B's retrained levels 1-3 and the iterative rows (issue 19)
+        with RunStore(db) as store:
+            extra += newest(store.runs(dataset="mnist", retrain="finetune"))
     oneshot = [r for r in every if r["mode"] == "oneshot" and r.get("scope", "layer") == "layer"]
     rows = [r for r in oneshot if r["retrain_steps"] > 0]
     # runs with --retrain-steps 0 measure only the accuracy right after pruning (Fig. 3d)
@@ -339,18 +354,20 @@ def main() -> None:
     else:
         print("no linear-network runs yet: Fig. 2 skipped")
     if fcn:
-        fcn_files(HERE / f"{args.out}-fcn", fcn, every, _select(pruned_only, model="fcn"))
+        fcn_files(HERE / f"{args.out}-fcn", fcn, every, _select(pruned_only, model="fcn"), extra)
     else:
         print("no FCN runs yet: Fig. 3, Table 1 and Appendix B skipped")
 
 
 def fcn_files(
     out: Path, fcn: list[dict[str, Any]], every: list[dict[str, Any]],
-    pruned_only: list[dict[str, Any]],
+    pruned_only: list[dict[str, Any]], extra: list[dict[str, Any]] | None = None,
 ) -> None:  # fmt: skip
     """Fig. 3, Table 1, Appendix B and the beyond-the-paper rows, from whatever FCN runs exist.
 
     ``pruned_only`` (runs without retraining) add levels to Fig. 3d, before retraining only.
+    ``extra`` (another database's runs) feed only Appendix B and the beyond rows, so that the
+    Table 1 and Fig. 3 files depend on the main database alone.
     """
     out.mkdir(exist_ok=True)
     relu = _select(fcn, activation="relu")
@@ -373,11 +390,21 @@ def fcn_files(
     table_rows = [r for r in relu if 4 <= r["level"] <= 10 and r["method"] in TABLE1_METHODS]
     if table_rows:
         table1(out, table_rows)
+    extra_fcn = [r for r in extra or [] if r["model"] == "fcn" and r["activation"] == "relu"]
+    extra_oneshot = [
+        r for r in extra_fcn
+        if r["mode"] == "oneshot" and r.get("scope", "layer") == "layer" and r["retrain_steps"] > 0
+    ]  # fmt: skip
     if relu:
-        appendix_b(out, relu)
+        appendix_b(out, relu + extra_oneshot)
     (out / "protocol.txt").write_text(protocol_note(fcn + pruned_only))
+    if extra_fcn:
+        (out / "protocol_extra.txt").write_text(
+            "Runs of the second database (Appendix B's levels 1-3, the iterative rows):\n"
+            + protocol_note(extra_fcn)
+        )
     beyond_rows = [
-        r for r in every
+        r for r in every + extra_fcn
         if r["model"] == "fcn" and r["activation"] == "relu" and r["retrain_steps"] > 0
     ]  # fmt: skip
     if any(r["mode"] == "iterative" or r.get("scope") == "global" for r in beyond_rows):
