@@ -108,7 +108,9 @@ def train_batched(
     bf16 = config.precision == "bf16"
 
     def loss_one(p: dict[str, Tensor], b: dict[str, Tensor], xb: Tensor, yb: Tensor) -> Tensor:
-        with torch.autocast(xb.device.type, dtype=torch.bfloat16, enabled=bf16):
+        if not bf16:  # as train(): the loss in the model's own dtype (float64 stays float64)
+            return F.cross_entropy(functional_call(base, (p, b), (xb,)), yb)
+        with torch.autocast(xb.device.type, dtype=torch.bfloat16):
             logits = functional_call(base, (p, b), (xb,))
         return F.cross_entropy(logits.float(), yb)
 
