@@ -11,14 +11,16 @@ and they are copied back with the weights.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .train import TrainConfig, TrainResult, batch_stream, make_optimizer, set_lr
 
@@ -60,6 +62,42 @@ def _check_models(models: Sequence[nn.Module]) -> None:
                 )
 
 
+@contextlib.contextmanager
+def _fp32_batchnorm(model: nn.Module) -> Iterator[None]:
+    """While in effect, ``model``'s batch-norm layers normalise a bf16/fp16 input in float32
+    and hand back the input's dtype.
+
+    Under bf16 autocast a conv gives bf16, and batch norm (no autocast policy on CUDA or CPU)
+    gets that bf16 input next to float32 running statistics and affine weights. train()'s
+    kernels take the mix and compute in float32; under vmap's batching rule for batch norm
+    (which applies the affine weights itself, after the kernel) it fails: ``Expected
+    running_mean to have type BFloat16 but got Float`` on an H200, ``expected scalar type
+    BFloat16 but found Float`` on the CPU (pytorch/pytorch#184890 is the like failure of vmap
+    over a backward). Normalising the upcast input is what the mixed kernels do anyway
+    (float32 statistics of the same bf16 values); casting the result back keeps what follows
+    (residual sums, the next layer) in train()'s dtypes.
+    """
+    modules = [m for m in model.modules() if isinstance(m, _BatchNorm) and "forward" not in vars(m)]
+    for module in modules:
+        module.forward = _upcasting(module)  # an instance attribute, which __call__ uses
+    try:
+        yield
+    finally:
+        for module in modules:
+            del module.forward  # the class's forward again
+
+
+def _upcasting(module: _BatchNorm) -> Callable[[Tensor], Tensor]:
+    forward = type(module).forward
+
+    def upcast_forward(x: Tensor) -> Tensor:
+        if x.dtype not in (torch.bfloat16, torch.float16):
+            return forward(module, x)
+        return forward(module, x.float()).to(x.dtype)
+
+    return upcast_forward
+
+
 def train_batched(
     models: Sequence[nn.Module],
     x: Tensor,
@@ -73,8 +111,10 @@ def train_batched(
     ``seeds`` defaults to ``config.seed`` for every model. Masks stay applied (the masked
     entries of ``weight_orig`` are reset to 0 after each update, as :func:`train` does).
     Results match separate runs up to floating-point summation order. ``precision='bf16'``
-    autocasts as :func:`train` does; ``channels_last`` and ``compile`` do not apply here (the
-    stacked weights have an extra model dimension), so this loop always runs eager.
+    autocasts as :func:`train` does, batch norm normalising in float32 as train()'s kernels do
+    (on the CPU autocast misses some of vmap's batched ops, convs and Linears with a bias, which
+    then run in float32). ``channels_last`` and ``compile`` do not apply here (the stacked
+    weights have an extra model dimension), so this loop always runs eager.
     """
     _check_models(models)
     seeds = list(seeds) if seeds is not None else [config.seed] * len(models)
@@ -95,7 +135,9 @@ def train_batched(
     bf16 = config.precision == "bf16"
 
     def loss_one(p: dict[str, Tensor], b: dict[str, Tensor], xb: Tensor, yb: Tensor) -> Tensor:
-        with torch.autocast(xb.device.type, dtype=torch.bfloat16, enabled=bf16):
+        if not bf16:  # as train(): the loss in the model's own dtype (float64 stays float64)
+            return F.cross_entropy(functional_call(base, (p, b), (xb,)), yb)
+        with torch.autocast(xb.device.type, dtype=torch.bfloat16), _fp32_batchnorm(base):
             logits = functional_call(base, (p, b), (xb,))
         return F.cross_entropy(logits.float(), yb)
 
