@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import tomllib
 from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .backends import run_sweep
 from .batchnorm import recalibrate_batchnorm
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DATASETS, DatasetError, load_dataset
@@ -22,13 +22,16 @@ from .models import model_names
 from .pipeline import RETRAIN_MODES, Protocol, for_retrain, new_model, train_dense
 from .prune import parse_method, prune
 from .report import (
+    OPTIONAL_METRICS,
+    by_retrain,
     check_plot_path,
-    method_label,
-    method_order,
     plot_accuracy,
+    protocol_groups,
     reportable,
+    retrain_table_title,
     rows_to_csv,
     summarize,
+    table_title,
     to_csv,
     to_markdown,
 )
@@ -36,16 +39,18 @@ from .scores import SCORES
 from .sparse import SparseExportError, copy_pruned
 from .store import RunStore, StoreError, config_hash
 from .sweep import (
-    STEP_FIELDS,
     Sweep,
-    clean_checkpoints,
+    SweepFileError,
     levels_from,
-    model_steps,
     protocol_lines,
+    read_sweep_file,
     run_config,
-    run_sweep,
+    seeds_from,
+    sweep_from_table,
+    template,
 )
 from .train import evaluate, pick_device
+from .workdir import clean_checkpoints
 
 CSV_COLUMNS = [
     "model",
@@ -207,11 +212,10 @@ def _add_score_examples(g: Any) -> None:
     )  # fmt: skip
 
 
-_FLAG_TO_FIELD = {"no_bn": "bn"}
-
-
-def _protocol(args: argparse.Namespace, model: str, dataset: str, seed: int) -> Protocol:
-    """The protocol the command-line options describe; options a command lacks keep defaults."""
+def _protocol_values(
+    args: argparse.Namespace, model: str, dataset: str, seed: int
+) -> dict[str, Any]:
+    """The protocol fields the command-line options give; options a command lacks are left out."""
     given = vars(args)
     values: dict[str, Any] = {"model": model, "dataset": dataset, "seed": seed}
     for f in fields(Protocol):
@@ -223,7 +227,12 @@ def _protocol(args: argparse.Namespace, model: str, dataset: str, seed: int) -> 
             values["exclude"] = tuple(_split(given["exclude"]))
         elif f.name in given:
             values[f.name] = given[f.name]
-    return Protocol(**values)
+    return values
+
+
+def _protocol(args: argparse.Namespace, model: str, dataset: str, seed: int) -> Protocol:
+    """The protocol the command-line options describe; options a command lacks keep defaults."""
+    return Protocol(**_protocol_values(args, model, dataset, seed))
 
 
 def _keep(text: str) -> float | str:
@@ -238,83 +247,6 @@ def _keep(text: str) -> float | str:
         raise argparse.ArgumentTypeError(why) from None
 
 
-def _seeds(text: str, flag: str = "--seeds") -> list[int]:
-    """Seeds from ``"0,1,2"`` or ``"0-4"``; a bad one names the flag."""
-    try:
-        return levels_from(text)
-    except ValueError:
-        raise ValueError(f"{flag} must be integers like '0,1,2' or '0-4', not {text!r}") from None
-
-
-PROTOCOL_FIELDS = [
-    f.name for f in fields(Protocol) if f.name != "seed" and not f.metadata.get("runtime")
-]
-"""What makes two rows one experiment: everything but the seed and how it was computed."""
-
-
-RETRAIN_FIELDS = ("retrain", "retrain_steps", "rewind_step")
-"""What tells retraining modes apart: ``lap report --by retrain`` compares them in one table."""
-
-
-def protocol_groups(
-    rows: list[dict[str, Any]], *, ignore: Sequence[str] = ()
-) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
-    """Rows grouped by everything in their protocol but the seed (and ``ignore``): one table
-    per group."""
-    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-    for r in rows:
-        key = tuple(repr(r.get(name)) for name in PROTOCOL_FIELDS if name not in ignore)
-        groups.setdefault(key, []).append(r)
-    return groups
-
-
-def retrain_label(row: dict[str, Any]) -> str:
-    """A retraining mode as a table row: ``rewind-weights k=2500, 47500 steps``."""
-    mode = row.get("retrain") or "finetune"
-    k = f" k={row.get('rewind_step')}" if mode == "rewind-weights" else ""
-    return f"{mode}{k}, {row.get('retrain_steps')} steps"
-
-
-def by_retrain(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]], list[str]]]:
-    """Per protocol (but its retraining) and method: (method, rows whose ``method`` is their
-    retraining mode, the modes in order: finetune, rewind-weights, rewind-lr, lottery, each
-    from the longest retraining down). The first, fine-tuning's longest, is the baseline."""
-    tables = []
-    for group in protocol_groups(rows, ignore=RETRAIN_FIELDS).values():
-        for method in method_order({r["method"] for r in group}):
-            runs = [r | {"method": retrain_label(r)} for r in group if r["method"] == method]
-            rank = {mode: i for i, mode in enumerate(RETRAIN_MODES)}
-            order = sorted({(rank[r.get("retrain") or "finetune"], -(r.get("retrain_steps") or 0),
-                             r["method"]) for r in runs})  # fmt: skip
-            tables.append((method, runs, list(dict.fromkeys(o[-1] for o in order))))
-    return tables
-
-
-METRIC_WORDS = {
-    "test_acc_retrained": "test error (%) after retraining",
-    "test_acc_pruned": "test error (%) right after pruning, before retraining",
-    "test_acc_recalibrated": "test error (%) before retraining, batch norm recalibrated",
-    "train_acc_retrained": "training error (%) after retraining",
-}
-
-
-BEFORE_RETRAINING = ("test_acc_pruned", "test_acc_recalibrated")
-OPTIONAL_METRICS = ("test_acc_recalibrated",)
-"""Metrics only some runs have (``--bn-recalibrate``): runs without them are left out quietly."""
-
-
-def _title(rows: list[dict[str, Any]], metric: str) -> str:
-    """A table's title in words: model, data, how it was pruned and what the cells show."""
-    r = rows[0]
-    steps = f"{r.get('train_steps')} training steps"
-    how = f"{r.get('mode')} pruning"
-    if metric not in BEFORE_RETRAINING:  # retraining has not happened yet for that table
-        how += f", {r.get('retrain')} retraining"
-        steps += f" + {r.get('retrain_steps')} retraining steps"
-    what = METRIC_WORDS.get(metric, metric)
-    return f"{r['model']} ({r.get('activation')}) on {r['dataset']}, {how}, {steps}: {what}"
-
-
 def _print_tables(rows: list[dict[str, Any]], metric: str, by: str = "method") -> None:
     if metric in OPTIONAL_METRICS:
         rows = [r for r in rows if r.get(metric) is not None]
@@ -327,17 +259,13 @@ def _print_tables(rows: list[dict[str, Any]], metric: str, by: str = "method") -
     if by == "retrain":
         for method, runs, modes in by_retrain(good):
             summary = summarize(runs, metric=metric, baseline=modes[0])
-            r = runs[0]
-            title = (f"{r['model']} ({r.get('activation')}) on {r['dataset']}, {r.get('mode')} "
-                     f"pruning with {method_label(method)}, {r.get('train_steps')} training "
-                     f"steps ({r.get('schedule')} rate), by retraining mode: "
-                     f"{METRIC_WORDS.get(metric, metric)}")  # fmt: skip
+            title = retrain_table_title(runs, method, metric)
             print(to_markdown(summary, title=title, methods=modes, label=str))
             print()
         return
     for group in protocol_groups(good).values():
         summary = summarize(group, metric=metric)
-        print(to_markdown(summary, title=_title(group, metric)))
+        print(to_markdown(summary, title=table_title(group, metric)))
         print()
 
 
@@ -348,7 +276,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     protocol = for_retrain(_protocol(args, "fcn", "mnist", 0), mode)
     sweep = Sweep(
         protocol, ["fcn"], ["mnist"], _split(args.methods), levels_from(args.levels),
-        _seeds(args.seeds),
+        seeds_from(args.seeds),
     )  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     db = out / "demo.sqlite"
@@ -380,28 +308,6 @@ def _keys(sweep: Sweep) -> set[str]:
     }
 
 
-def _as_list(value: Any, key: str, kind: type = str) -> list[Any]:
-    """A TOML value that may be a list, one scalar, or a comma-separated string; each item
-    must be a ``kind`` (no bool for int, no float for int), or the key is named in the error."""
-    if isinstance(value, str):
-        items: list[Any] = _split(value)
-        if kind is int:
-            return _seeds(value, flag=key) if key == "seeds" else levels_from(value)
-    elif isinstance(value, list | tuple):
-        items = list(value)
-    elif isinstance(value, dict):
-        raise ValueError(f"TOML key {key!r} must be a list or a string, not a table")
-    else:
-        items = [value]
-    for item in items:
-        if not isinstance(item, kind) or isinstance(item, bool):
-            raise ValueError(
-                f"TOML key {key!r} must hold {kind.__name__} values, not {item!r} "
-                f"({type(item).__name__})"
-            )
-    return items
-
-
 def _changed_sweep_flags(args: argparse.Namespace) -> list[str]:
     """Sweep flags given on the command line with a non-default value."""
     defaults = vars(build_parser().parse_args(["sweep"]))
@@ -410,97 +316,42 @@ def _changed_sweep_flags(args: argparse.Namespace) -> list[str]:
             if k not in ignore and defaults.get(k) != v]  # fmt: skip
 
 
-SWEEP_KEYS = ("models", "datasets", "methods", "levels", "seeds", "db", "data_dir", "device",
-              "backend", "address", "cpus_per_task", "gpus_per_task", "storage",
-              "dense_snapshots")  # fmt: skip
-"""TOML keys of a sweep besides the :class:`Protocol` fields (see examples/sweep.toml)."""
-
-
-def _load_toml(path: str) -> dict[str, Any]:
-    """A sweep file's table, with ``train-steps`` spelt either way (as flags or as fields)."""
-    try:
-        with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"{path} is not valid TOML: {error}") from None
-    table: dict[str, Any] = {}
-    for key, value in raw.items():
-        name = key.replace("-", "_")
-        if name in table:
-            raise ValueError(f"{path}: key {key!r} is given twice (with - and _)")
-        table[name] = value
-    return table
-
-
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run a grid of (model, dataset, seed, method, level) into the results database."""
     if args.config:
-        cfg = _load_toml(args.config)
-        known = {f.name for f in fields(Protocol)} | set(SWEEP_KEYS)
-        unknown = set(cfg) - known
-        if unknown:
-            raise SystemExit(
-                f"{args.config}: unknown keys {sorted(unknown)}; known {sorted(known)}"
-            )
-        missing = [k for k in ("methods", "levels") if k not in cfg]
-        if missing:
-            raise SystemExit(f"{args.config}: missing keys {missing}")
+        try:
+            cfg = read_sweep_file(args.config)
+        except SweepFileError as error:
+            raise SystemExit(str(error)) from None
         overridden = _changed_sweep_flags(args)
         if overridden:
             raise SystemExit(
                 f"lap sweep: {args.config} describes the sweep; put {overridden} in the file "
                 "instead of passing them as flags"
             )
-        proto_fields = {k: v for k, v in cfg.items() if k in {f.name for f in fields(Protocol)}}
-        retrains = _as_list(proto_fields.pop("retrain", "finetune"), "retrain")
-        models = _as_list(cfg.get("models", [proto_fields.get("model", "fcn")]), "models")
-        paper = frozenset(f for f in STEP_FIELDS if f not in proto_fields)
-        steps = dict(zip(STEP_FIELDS, model_steps(str(models[0])), strict=True))
-        template = Protocol(
-            **({"model": "fcn", "dataset": "mnist"} | {f: steps[f] for f in paper} | proto_fields)
-        )
-        for key in ("db", "data_dir", "device", "backend", "address", "storage"):
-            if key in cfg and not isinstance(cfg[key], str):
-                raise ValueError(f"TOML key {key!r} must be a string, not {cfg[key]!r}")
-        for key in ("cpus_per_task", "gpus_per_task"):
-            value = cfg.get(key, 1.0)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"TOML key {key!r} must be a number, not {value!r}")
-        cluster = {k: cfg.get(k, getattr(args, k)) for k in
+        sweep, settings = sweep_from_table(cfg)
+        db = settings.get("db", args.db)
+        data_dir = settings.get("data_dir", args.data_dir)
+        device = settings.get("device", args.device)
+        cluster = {k: settings.get(k, getattr(args, k)) for k in
                    ("backend", "address", "cpus_per_task", "gpus_per_task", "storage")}  # fmt: skip
-        sweep = Sweep(
-            template,
-            models,
-            _as_list(cfg.get("datasets", [template.dataset]), "datasets"),
-            _as_list(cfg["methods"], "methods"),
-            _as_list(cfg["levels"], "levels", int),
-            _as_list(cfg.get("seeds", [0]), "seeds", int),
-            paper_steps=paper,
-            retrains=retrains,
-            snapshots=_as_list(cfg.get("dense_snapshots", []), "dense_snapshots", int),
-        )
-        db = cfg.get("db", args.db)
-        data_dir, device = cfg.get("data_dir", args.data_dir), cfg.get("device", args.device)
     else:
         if not (args.model and args.methods and args.levels):
             raise SystemExit("lap sweep: give --model, --methods and --levels (or a TOML file)")
-        paper = frozenset(f for f in STEP_FIELDS if getattr(args, f) is None)
-        steps = dict(zip(STEP_FIELDS, model_steps(_split(args.model)[0]), strict=True))
-        for name in paper:
-            setattr(args, name, steps[name])
         retrains = _split(args.retrain)
         args.retrain = "finetune"  # the template: --retrain-steps is the budget t
-        template = _protocol(args, "fcn", "mnist", 0)
+        models = _split(args.model)
+        protocol, paper = template(_protocol_values(args, "fcn", "mnist", 0), models)
         snapshots = (
-            _seeds(args.dense_snapshots, "--dense-snapshots") if args.dense_snapshots else []
+            seeds_from(args.dense_snapshots, "--dense-snapshots") if args.dense_snapshots else []
         )
         sweep = Sweep(
-            template,
-            _split(args.model),
+            protocol,
+            models,
             _split(args.dataset),
             _split(args.methods),
             levels_from(args.levels),
-            _seeds(args.seeds),
+            seeds_from(args.seeds),
             paper_steps=paper,
             retrains=retrains,
             snapshots=snapshots,
@@ -510,7 +361,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                    ("backend", "address", "cpus_per_task", "gpus_per_task", "storage")}  # fmt: skip
     ray_options = None
     if cluster["backend"] == "ray":
-        from .ray_backend import RayOptions, require_ray
+        from .backends.ray import RayOptions, require_ray
 
         require_ray()  # one line on how to install it, before anything runs
         ray_options = RayOptions(**{k: v for k, v in cluster.items() if k != "backend"})
@@ -574,7 +425,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             recal = all(r.get("test_acc_recalibrated") is not None for r in group)
             metrics = ("test_acc_pruned",) + ("test_acc_recalibrated",) * recal
             plot_accuracy(group, path, metrics=(*metrics, "test_acc_retrained"),
-                          title=_title(group, "test accuracy"))  # fmt: skip
+                          title=table_title(group, "test accuracy"))  # fmt: skip
             if not args.quiet:
                 print(f"plot written to {path}", file=sys.stderr)
     return 0

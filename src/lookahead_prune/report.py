@@ -15,9 +15,11 @@ import json
 import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from .pipeline import RETRAIN_MODES, Protocol
 
 __all__ = [
     "DEFAULT_METHOD_ORDER",
@@ -443,3 +445,81 @@ def plot_accuracy(
         fig.suptitle(title or subject)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
+
+
+PROTOCOL_FIELDS = [
+    f.name for f in fields(Protocol) if f.name != "seed" and not f.metadata.get("runtime")
+]
+"""What makes two rows one experiment: everything but the seed and how it was computed."""
+
+
+RETRAIN_FIELDS = ("retrain", "retrain_steps", "rewind_step")
+"""What tells retraining modes apart: ``lap report --by retrain`` compares them in one table."""
+
+
+def protocol_groups(
+    rows: list[dict[str, Any]], *, ignore: Sequence[str] = ()
+) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
+    """Rows grouped by everything in their protocol but the seed (and ``ignore``): one table
+    per group."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        key = tuple(repr(r.get(name)) for name in PROTOCOL_FIELDS if name not in ignore)
+        groups.setdefault(key, []).append(r)
+    return groups
+
+
+def retrain_label(row: dict[str, Any]) -> str:
+    """A retraining mode as a table row: ``rewind-weights k=2500, 47500 steps``."""
+    mode = row.get("retrain") or "finetune"
+    k = f" k={row.get('rewind_step')}" if mode == "rewind-weights" else ""
+    return f"{mode}{k}, {row.get('retrain_steps')} steps"
+
+
+def by_retrain(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]], list[str]]]:
+    """Per protocol (but its retraining) and method: (method, rows whose ``method`` is their
+    retraining mode, the modes in order: finetune, rewind-weights, rewind-lr, lottery, each
+    from the longest retraining down). The first, fine-tuning's longest, is the baseline."""
+    tables = []
+    for group in protocol_groups(rows, ignore=RETRAIN_FIELDS).values():
+        for method in method_order({r["method"] for r in group}):
+            runs = [r | {"method": retrain_label(r)} for r in group if r["method"] == method]
+            rank = {mode: i for i, mode in enumerate(RETRAIN_MODES)}
+            order = sorted({(rank[r.get("retrain") or "finetune"], -(r.get("retrain_steps") or 0),
+                             r["method"]) for r in runs})  # fmt: skip
+            tables.append((method, runs, list(dict.fromkeys(o[-1] for o in order))))
+    return tables
+
+
+METRIC_WORDS = {
+    "test_acc_retrained": "test error (%) after retraining",
+    "test_acc_pruned": "test error (%) right after pruning, before retraining",
+    "test_acc_recalibrated": "test error (%) before retraining, batch norm recalibrated",
+    "train_acc_retrained": "training error (%) after retraining",
+}
+
+
+BEFORE_RETRAINING = ("test_acc_pruned", "test_acc_recalibrated")
+OPTIONAL_METRICS = ("test_acc_recalibrated",)
+"""Metrics only some runs have (``--bn-recalibrate``): runs without them are left out quietly."""
+
+
+def table_title(rows: list[dict[str, Any]], metric: str) -> str:
+    """A table's title in words: model, data, how it was pruned and what the cells show."""
+    r = rows[0]
+    steps = f"{r.get('train_steps')} training steps"
+    how = f"{r.get('mode')} pruning"
+    if metric not in BEFORE_RETRAINING:  # retraining has not happened yet for that table
+        how += f", {r.get('retrain')} retraining"
+        steps += f" + {r.get('retrain_steps')} retraining steps"
+    what = METRIC_WORDS.get(metric, metric)
+    return f"{r['model']} ({r.get('activation')}) on {r['dataset']}, {how}, {steps}: {what}"
+
+
+def retrain_table_title(runs: list[dict[str, Any]], method: str, metric: str) -> str:
+    """The title of one ``--by retrain`` table: the protocol, the method, what cells show."""
+    r = runs[0]
+    return (f"{r['model']} ({r.get('activation')}) on {r['dataset']}, {r.get('mode')} "
+            f"pruning with {method_label(method)}, {r.get('train_steps')} training "
+            f"steps ({r.get('schedule')} rate), by retraining mode: "
+            f"{METRIC_WORDS.get(metric, metric)}")  # fmt: skip
