@@ -92,3 +92,73 @@ def test_dense_and_run_keys_of_varied_protocols_are_the_golden_ones():
     protocols = [Protocol(**case) for case in CASES]
     assert [config_hash(p.dense_config()) for p in protocols] == DENSE_KEYS
     assert [config_hash(p.run_config("lap", 3)) for p in protocols] == RUN_KEYS
+
+
+ALTERNATIVES = {  # every Protocol field: a valid value other than BASE's
+    "model": "conv6",
+    "dataset": "fashion-mnist",
+    "seed": 1,
+    "activation": "tanh",
+    "train_steps": 200,
+    "retrain_steps": 50,
+    "lr": 0.01,
+    "batch_size": 30,
+    "optimizer": "sgd",
+    "schedule": "cosine",
+    "weight_decay": 1e-4,
+    "retrain": "rewind-lr",
+    "rewind_step": 10,
+    "mode": "iterative",
+    "p": 0.5,
+    "q": 0.5,
+    "bn": False,
+    "graph": "sequential",
+    "subset": 600,
+    "scope": "global",
+    "exclude": ["fc1"],
+    "eval_examples": 1000,
+    "precision": "bf16",
+    "score_examples": 500,
+    "augment": True,
+    "bn_recalibrate": 2,
+    "nm": "2:4",
+    "channels_last": True,
+    "compile": True,
+    "engine": "sparse",
+}
+BASE = Protocol(model="fcn", dataset="mnist", train_steps=100, retrain_steps=100)
+DATA_FIELDS = ("model", "dataset", "activation", "subset", "eval_examples")
+"""Dense fields that reach dense training other than through its TrainConfig."""
+
+
+def test_every_protocol_field_is_keyed_flagged_and_in_a_sweep_file(tmp_path):
+    from dataclasses import replace
+
+    from lookahead_prune.cli import build_parser
+    from lookahead_prune.sweep import read_sweep_file
+
+    flags = vars(build_parser().parse_args(["sweep"]))
+    assert sorted(ALTERNATIVES) == sorted(f.name for f in fields(Protocol)), "add the new field"
+    for f in fields(Protocol):
+        meta, value = f.metadata, ALTERNATIVES[f.name]
+        other = replace(BASE, **{f.name: tuple(value) if isinstance(value, list) else value})
+        assert getattr(other, f.name) != getattr(BASE, f.name), f.name
+        # in the run key, or runtime and in no key
+        if meta.get("runtime"):
+            assert other.run_config("mp", 1) == BASE.run_config("mp", 1), f.name
+            assert f.name not in other.dense_config(), f.name
+        else:
+            assert f.name in other.run_config("mp", 1), f.name
+        # in the dense key exactly when it changes dense training
+        dense_changed = config_hash(other.dense_config()) != config_hash(BASE.dense_config())
+        assert dense_changed == bool(meta.get("dense")), f.name
+        trains_otherwise = other.train_config(other.train_steps) != BASE.train_config(100)
+        if meta.get("dense"):
+            assert trains_otherwise or f.name in DATA_FIELDS, f.name
+        elif not meta.get("runtime"):
+            assert not trains_otherwise, f"{f.name} changes dense training: declare it dense"
+        # a flag of `lap sweep` and a key of a sweep file
+        assert meta.get("dest", f.name) in flags, f.name
+        toml = tmp_path / f"{f.name}.toml"
+        toml.write_text(f'methods = ["mp"]\nlevels = [1]\n{f.name} = {json.dumps(value)}\n')
+        assert f.name in read_sweep_file(str(toml)), f.name

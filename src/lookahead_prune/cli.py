@@ -11,15 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .backends import run_sweep
+from .backends import BACKENDS, run_sweep
 from .batchnorm import recalibrate_batchnorm
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DATASETS, DatasetError, load_dataset
-from .engines import ENGINE_CHOICES
 from .graph import GRAPH_MODES
 from .masks import parse_nm
 from .models import model_names
-from .pipeline import RETRAIN_MODES, Protocol, for_retrain, new_model, train_dense
+from .pipeline import for_retrain, new_model, train_dense
+from .protocol import RETRAIN_HELP, Protocol
 from .prune import parse_method, prune
 from .report import (
     OPTIONAL_METRICS,
@@ -39,6 +39,7 @@ from .scores import SCORES
 from .sparse import SparseExportError, copy_pruned
 from .store import RunStore, StoreError, config_hash
 from .sweep import (
+    STEP_FIELDS,
     Sweep,
     SweepFileError,
     levels_from,
@@ -77,10 +78,6 @@ CSV_COLUMNS = [
     "graph",
     "wall_time",
 ]
-BN_RECAL_HELP = (
-    "after pruning, re-estimate batch-norm statistics on N training batches and report "
-    "accuracy before retraining with and without it (0: off)"
-)
 METHOD_HELP = f"comma-separated methods: {', '.join(sorted(SCORES))}, or e.g. lap-forward-seq"
 
 
@@ -100,37 +97,43 @@ def _doc(func: Any) -> str:
 PAPER_STEPS_HELP = "None: the paper's for each model, e.g. FCN 50k + 50k, Conv-6 30k + 20k"
 
 
+def add_protocol_args(
+    g: Any, *, group: str | None = None, only: Sequence[str] = (),
+    defaults: dict[str, Any] | None = None, overrides: dict[str, dict[str, Any]] | None = None,
+) -> None:  # fmt: skip
+    """Add the flag of every :class:`Protocol` field of ``group`` (or those named in ``only``)
+    as its metadata declares it (:func:`~lookahead_prune.protocol.option`): help, choices, the
+    field's default unless ``defaults`` gives the command's, ``overrides`` per field."""
+    defaults, overrides = defaults or {}, overrides or {}
+    for f in fields(Protocol):
+        meta = f.metadata
+        if (f.name not in only) if only else (group is None or meta.get("group") != group):
+            continue
+        default = defaults.get(f.name, f.default)
+        help_text = meta["help"]
+        if f.name in STEP_FIELDS and default is None:
+            help_text += f" ({PAPER_STEPS_HELP})"
+        kwargs: dict[str, Any] = {"default": default, "help": help_text + meta.get("help_more", "")}
+        kind = str(f.type)
+        if kind == "bool":  # a switch away from the default
+            kwargs.update(action="store_true", default=False)
+        elif kind == "bool | None":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind.startswith("tuple"):  # comma-separated on the command line
+            kwargs["default"] = ",".join(default)
+        elif kind.startswith(("int", "float")):
+            kwargs["type"] = int if kind.startswith("int") else float
+        for key in ("choices", "metavar"):
+            if key in meta:
+                kwargs[key] = list(meta[key]) if key == "choices" else meta[key]
+        kwargs.update(overrides.get(f.name, {}))
+        g.add_argument(meta.get("flag", "--" + f.name.replace("_", "-")), **kwargs)
+
+
 def _add_training_args(p: argparse.ArgumentParser, *, train: int | None) -> None:
     """Options of dense training: every command that trains takes these."""
     g = p.add_argument_group("training")
-    g.add_argument(
-        "--train-steps", type=int, default=train,
-        help="steps of dense training" + (f" ({PAPER_STEPS_HELP})" if train is None else ""),
-    )  # fmt: skip
-    g.add_argument("--lr", type=float, default=None, help="learning rate (None: the paper's)")
-    g.add_argument("--batch-size", type=int, default=60, help="examples per step")
-    g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="optimiser")
-    g.add_argument("--schedule", default="constant", choices=["constant", "cosine", "step"],
-                   help="learning-rate schedule")  # fmt: skip
-    g.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay")
-    g.add_argument("--activation", default="relu", choices=["relu", "sigmoid", "tanh"],
-                   help="nonlinearity of the model")  # fmt: skip
-    g.add_argument("--subset", type=int, default=None, help="use only n training examples")
-    g.add_argument(
-        "--eval-examples", type=int, default=None,
-        help="measure accuracy on the first n test (and training) examples (None: all)",
-    )  # fmt: skip
-    g.add_argument(
-        "--augment", action=argparse.BooleanOptionalAction, default=None,
-        help="random crop (pad 4 black pixels) and flip of training batches (None: the "
-        "dataset's default, as the official code: on for CIFAR-10 and Tiny-ImageNet)",
-    )  # fmt: skip
-    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="bf16: train under bfloat16 autocast (fast on recent GPUs)")  # fmt: skip
-    g.add_argument("--channels-last", action="store_true",
-                   help="NHWC memory layout for conv nets (cuDNN, oneDNN)")  # fmt: skip
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the training step, once for all levels")  # fmt: skip
+    add_protocol_args(g, group="training", defaults={"train_steps": train})
     _add_data_args(p)
 
 
@@ -140,75 +143,26 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (None: cuda if present)")
 
 
-RETRAIN_HELP = (
-    "how the pruned model retrains (Renda et al., 2020): finetune (t = --retrain-steps steps at "
-    "the final rate), rewind-lr (t steps at the rates of training's last t), rewind-weights "
-    "(weights of step k = --rewind-step, then training's steps k..T-1: T - k steps), lottery "
-    "(rewind-weights to k = 0: T steps); Adam's state starts afresh"
-)
-
-
 def _add_pruning_args(
     p: argparse.ArgumentParser, *, retrain: int | None, several: bool = False
 ) -> None:
     """Options of pruning and retraining: what sweeps and the demo take beyond training."""
     g = p.add_argument_group("pruning and retraining")
-    g.add_argument(
-        "--retrain-steps", type=int, default=retrain,
-        help="steps of retraining" + (f" ({PAPER_STEPS_HELP})" if retrain is None else "")
-        + "; the budget t of finetune and rewind-lr (rewind-weights and lottery retrain T - k)",
-    )  # fmt: skip
+    overrides = {}
+    if several:  # every mode for every run: no choices, a comma-separated list
+        help_text = (RETRAIN_HELP + "; comma-separated: every mode for every run, from one "
+                     "dense model, in one group")  # fmt: skip
+        overrides["retrain"] = {"choices": None, "help": help_text}
+    add_protocol_args(g, group="pruning", defaults={"retrain_steps": retrain},
+                      overrides=overrides)  # fmt: skip
     if several:
-        g.add_argument("--retrain", default="finetune", help=RETRAIN_HELP + "; comma-separated: "
-                       "every mode for every run, from one dense model, in one group")  # fmt: skip
         g.add_argument("--dense-snapshots", default="",
                        help="further comma-separated steps at which dense models keep their "
                        "weights, for later weight-rewinding sweeps over them")  # fmt: skip
-    else:
-        g.add_argument("--retrain", default="finetune", choices=RETRAIN_MODES, help=RETRAIN_HELP)
-    g.add_argument("--rewind-step", type=int, default=0, help="step k rewind-weights returns to")
-    g.add_argument("--mode", default="oneshot", choices=["oneshot", "iterative"],
-                   help="prune each level from the dense model, or the levels in turn")  # fmt: skip
-    g.add_argument("--p", type=float, default=None, help="conv keep factor per level (None: paper)")
-    g.add_argument("--q", type=float, default=None, help="linear keep factor per level")
-    g.add_argument("--no-bn", action="store_true", help="LAP without Eq. 9's batch-norm factors")
-    g.add_argument("--bn-recalibrate", type=int, default=0, metavar="N", help=BN_RECAL_HELP)
-    g.add_argument(
-        "--nm", default="", metavar="N:M",
-        help="N:M masks (e.g. 2:4: the best 2 of every 4 consecutive input weights) on every "
-        "layer a level prunes, instead of the level's fraction; the level then only labels "
-        "the run, so give one",
-    )  # fmt: skip
-    g.add_argument("--graph", default="fx", choices=GRAPH_MODES,
-                   help="neighbours from the traced graph (fx; torch.export where fx cannot "
-                   "follow), torch.export only, or module order")  # fmt: skip
-    g.add_argument(
-        "--scope", default="layer", choices=["layer", "global"],
-        help="global: the level's overall fraction under one threshold (normalised scores)",
-    )  # fmt: skip
-    _add_score_examples(g)
-    g.add_argument(
-        "--exclude", default="",
-        help="comma-separated layer names or globs left dense and, with --graph sequential, out "
-        "of the chain (the official code's ResNet shortcuts: '*shortcut*')",
-    )  # fmt: skip
-    g.add_argument(
-        "--engine", default="auto", choices=ENGINE_CHOICES,
-        help="how pruned copies retrain together: sparse (MLPs on CPU: cost follows the "
-        "surviving weights), vmap (GPU), sequential (one train() each, the reference); "
-        "auto picks per model. Results are the same; never part of a run's key",
-    )  # fmt: skip
     g.add_argument(
         "--batch-models", type=int, default=None,
         help="retrain at most this many pruned copies of a dense model together (None: all "
         "of them with the sparse engine, 16 with vmap on a GPU, else 1)",
-    )  # fmt: skip
-
-
-def _add_score_examples(g: Any) -> None:
-    g.add_argument(
-        "--score-examples", type=int, default=10_000,
-        help="training examples that data scores (lap-act, obd) measure the model on",
     )  # fmt: skip
 
 
@@ -631,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--db", default="results.sqlite", help="results database (SQLite)")
     g = sw.add_argument_group("cluster (--backend ray)")
     g.add_argument(
-        "--backend", default="local", choices=["local", "ray"],
+        "--backend", default="local", choices=list(BACKENDS),
         help="run here, or as tasks on a Ray cluster (pip install 'lookahead-prune[ray]')",
     )  # fmt: skip
     g.add_argument(
@@ -690,9 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="architecture, for checkpoints that do not record it")  # fmt: skip
     pr.add_argument("--dataset", default=None, choices=DATASETS,
                     help="test data, for checkpoints that do not record it")  # fmt: skip
-    pr.add_argument("--bn-recalibrate", type=int, default=0, metavar="N", help=BN_RECAL_HELP)
+    add_protocol_args(pr, only=("bn_recalibrate", "score_examples"))
     pr.add_argument("--out", default=None, help="save the pruned model here")
-    _add_score_examples(pr)
     _add_data_args(pr)
 
     ex = command("export", cmd_export)

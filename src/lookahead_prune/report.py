@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .pipeline import RETRAIN_MODES, Protocol
+from .protocol import RETRAIN_MODES, Protocol
 
 __all__ = [
     "DEFAULT_METHOD_ORDER",
