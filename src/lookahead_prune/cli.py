@@ -17,27 +17,25 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DATASETS, DatasetError, load_dataset
 from .graph import GRAPH_MODES
 from .masks import parse_nm
+from .model_files import load_masked_model
 from .models import model_names
 from .pipeline import for_retrain, new_model, train_dense
 from .protocol import RETRAIN_HELP, Protocol
 from .prune import parse_method, prune
 from .report import (
-    OPTIONAL_METRICS,
-    by_retrain,
+    CSV_COLUMNS,
     check_plot_path,
     plot_accuracy,
+    print_tables,
     protocol_groups,
     reportable,
-    retrain_table_title,
     rows_to_csv,
-    summarize,
+    summary_csv,
     table_title,
-    to_csv,
-    to_markdown,
 )
 from .scores import SCORES
 from .sparse import SparseExportError, copy_pruned
-from .store import RunStore, StoreError, config_hash
+from .store import RunStore, StoreError
 from .sweep import (
     STEP_FIELDS,
     Sweep,
@@ -45,7 +43,6 @@ from .sweep import (
     levels_from,
     protocol_lines,
     read_sweep_file,
-    run_config,
     seeds_from,
     sweep_from_table,
     template,
@@ -53,31 +50,6 @@ from .sweep import (
 from .train import evaluate, pick_device
 from .workdir import clean_checkpoints
 
-CSV_COLUMNS = [
-    "model",
-    "dataset",
-    "method",
-    "level",
-    "keep",
-    "seed",
-    "test_acc_pruned",
-    "test_acc_recalibrated",
-    "test_acc_retrained",
-    "train_acc_pruned",
-    "train_acc_retrained",
-    "retrain",
-    "rewind_step",
-    "mode",
-    "train_steps",
-    "retrain_steps",
-    "schedule",
-    "activation",
-    "scope",
-    "bn",
-    "bn_recalibrate",
-    "graph",
-    "wall_time",
-]
 METHOD_HELP = f"comma-separated methods: {', '.join(sorted(SCORES))}, or e.g. lap-forward-seq"
 
 
@@ -201,28 +173,6 @@ def _keep(text: str) -> float | str:
         raise argparse.ArgumentTypeError(why) from None
 
 
-def _print_tables(rows: list[dict[str, Any]], metric: str, by: str = "method") -> None:
-    if metric in OPTIONAL_METRICS:
-        rows = [r for r in rows if r.get(metric) is not None]
-        if not rows:
-            print(f"lap report: no run has {metric} (sweep with --bn-recalibrate N)",
-                  file=sys.stderr)  # fmt: skip
-    good, problems = reportable(rows, metric)
-    for problem in problems:
-        print(f"lap report: skipped a run: {problem}", file=sys.stderr)
-    if by == "retrain":
-        for method, runs, modes in by_retrain(good):
-            summary = summarize(runs, metric=metric, baseline=modes[0])
-            title = retrain_table_title(runs, method, metric)
-            print(to_markdown(summary, title=title, methods=modes, label=str))
-            print()
-        return
-    for group in protocol_groups(good).values():
-        summary = summarize(group, metric=metric)
-        print(to_markdown(summary, title=table_title(group, metric)))
-        print()
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     """Train the FCN on bundled MNIST, prune with MP and LAP at several levels, retrain, report."""
     out = Path(args.out)
@@ -240,26 +190,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )  # fmt: skip
     with RunStore(db) as store:
-        rows = [r for r in store.runs(model="fcn", dataset="mnist") if r["key"] in _keys(sweep)]
+        rows = [r for r in store.runs(model="fcn", dataset="mnist") if r["key"] in sweep.run_keys()]
     print()
     for metric in ("test_acc_pruned", "test_acc_retrained"):
-        _print_tables(rows, metric)
+        print_tables(rows, metric)
     if protocol.bn_recalibrate:
-        _print_tables(rows, "test_acc_recalibrated")
+        print_tables(rows, "test_acc_recalibrated")
     plot = out / "demo.png"
     plot_accuracy(rows, plot, title="FCN on MNIST: MP vs LAP")
     print(f"{stats.done} runs done, {stats.skipped} already in {db}; plot: {plot}")
     print(f"wall time {time.perf_counter() - start:.1f}s")
     return 0
-
-
-def _keys(sweep: Sweep) -> set[str]:
-    return {
-        config_hash(run_config(p, m, lv, sweep.levels))
-        for p in sweep.protocols()
-        for m in sweep.methods
-        for lv in sweep.levels
-    }
 
 
 def _changed_sweep_flags(args: argparse.Namespace) -> list[str]:
@@ -356,20 +297,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.format == "csv":
         sys.stdout.write(rows_to_csv(rows, CSV_COLUMNS))
     elif args.format == "summary-csv":
-        good, problems = reportable(rows, args.metric)
-        for problem in problems:
-            print(f"lap report: skipped a run: {problem}", file=sys.stderr)
-        if args.by == "retrain":  # the method column: "lap: rewind-lr, 50000 steps"
-            for method, runs, modes in by_retrain(good):
-                runs = [r | {"method": f"{method}: {r['method']}"} for r in runs]
-                modes = [f"{method}: {m}" for m in modes]
-                summary = summarize(runs, metric=args.metric, baseline=modes[0])
-                sys.stdout.write(to_csv(summary, methods=modes))
-        else:
-            for group in protocol_groups(good).values():
-                sys.stdout.write(to_csv(summarize(group, metric=args.metric)))
+        sys.stdout.write(summary_csv(rows, args.metric, args.by))
     else:
-        _print_tables(rows, args.metric, args.by)
+        print_tables(rows, args.metric, args.by)
     if args.plot:
         good, _ = reportable(rows, "test_acc_retrained")
         groups = list(protocol_groups(good).values())
@@ -450,49 +380,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _masked_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any], tuple[int, ...]]:
-    """The model of a `lap prune --out` (or `lap train --out`) checkpoint with its masks
-    applied, the protocol it records, and the shape of one input."""
-    from torch.nn.utils import prune as torch_prune
-
-    from .data.sources import SOURCES
-    from .models import build_model
-
-    state = load_checkpoint(args.checkpoint, cache=False)
-    if "magic" in state:
-        raise ValueError(f"{args.checkpoint} is already an export; give a file from "
-                         "`lap prune --out`")  # fmt: skip
-    if not isinstance(state.get("state"), dict):
-        raise ValueError(
-            f"{args.checkpoint} holds no model state; give a file from `lap prune --out`"
-        )
-    saved = state.get("protocol", {}) or {}
-    name = saved.get("model") or args.model
-    dataset = saved.get("dataset") or args.dataset
-    if name is None or dataset is None:
-        raise ValueError(f"{args.checkpoint} records no model or dataset; give --model, --dataset")
-    source = SOURCES[dataset]
-    c, h, _ = source.input_shape
-    model = build_model(name, in_channels=c, image_size=h, num_classes=source.num_classes,
-                        activation=saved.get("activation", "relu"))  # fmt: skip
-    weights = state["state"]
-    for key, mask in weights.items():
-        if key.endswith("_mask"):
-            module_name, _, param = key[: -len("_mask")].rpartition(".")
-            try:
-                module = model.get_submodule(module_name)
-            except AttributeError:
-                raise ValueError(f"{args.checkpoint} does not fit model {name!r}: "
-                                 f"no layer {module_name!r}") from None  # fmt: skip
-            torch_prune.custom_from_mask(module, param, mask.bool())
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as err:
-        first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
-        raise ValueError(f"{args.checkpoint} does not fit model {name!r}: {first}") from None
-    return model.eval(), saved, (c, h, h)
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a pruned model (from `lap prune --out`) for inference: `--format sparse` writes
     only the surviving weights (load with lookahead_prune.load_sparse; sparse layers where
@@ -504,7 +391,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from .sparse import fold_masks, latency, load_sparse, save_sparse, to_sparse
 
-    model, saved, shape = _masked_model(args)
+    model, saved, shape = load_masked_model(args.checkpoint, args.model, args.dataset)
     batch = int(saved.get("batch_size") or 60)
     dense = fold_masks(copy_pruned(model))
     buffer = io.BytesIO()

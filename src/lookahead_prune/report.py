@@ -14,6 +14,7 @@ import io
 import json
 import math
 import numbers
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -523,3 +524,74 @@ def retrain_table_title(runs: list[dict[str, Any]], method: str, metric: str) ->
             f"pruning with {method_label(method)}, {r.get('train_steps')} training "
             f"steps ({r.get('schedule')} rate), by retraining mode: "
             f"{METRIC_WORDS.get(metric, metric)}")  # fmt: skip
+
+
+CSV_COLUMNS = [
+    "model",
+    "dataset",
+    "method",
+    "level",
+    "keep",
+    "seed",
+    "test_acc_pruned",
+    "test_acc_recalibrated",
+    "test_acc_retrained",
+    "train_acc_pruned",
+    "train_acc_retrained",
+    "retrain",
+    "rewind_step",
+    "mode",
+    "train_steps",
+    "retrain_steps",
+    "schedule",
+    "activation",
+    "scope",
+    "bn",
+    "bn_recalibrate",
+    "graph",
+    "wall_time",
+]
+"""The columns of ``lap report --format csv``: one row per run."""
+
+
+def print_tables(rows: list[dict[str, Any]], metric: str, by: str = "method") -> None:
+    """Print ``rows`` as markdown tables of ``metric``: one per protocol (``by="method"``),
+    or per protocol but its retraining and per method (``by="retrain"``); runs that cannot
+    be shown are named on stderr."""
+    if metric in OPTIONAL_METRICS:
+        rows = [r for r in rows if r.get(metric) is not None]
+        if not rows:
+            print(f"lap report: no run has {metric} (sweep with --bn-recalibrate N)",
+                  file=sys.stderr)  # fmt: skip
+    good, problems = reportable(rows, metric)
+    for problem in problems:
+        print(f"lap report: skipped a run: {problem}", file=sys.stderr)
+    if by == "retrain":
+        for method, runs, modes in by_retrain(good):
+            summary = summarize(runs, metric=metric, baseline=modes[0])
+            title = retrain_table_title(runs, method, metric)
+            print(to_markdown(summary, title=title, methods=modes, label=str))
+            print()
+        return
+    for group in protocol_groups(good).values():
+        summary = summarize(group, metric=metric)
+        print(to_markdown(summary, title=table_title(group, metric)))
+        print()
+
+
+def summary_csv(rows: list[dict[str, Any]], metric: str, by: str = "method") -> str:
+    """The cells of :func:`print_tables`' tables as CSV (problems named on stderr)."""
+    good, problems = reportable(rows, metric)
+    for problem in problems:
+        print(f"lap report: skipped a run: {problem}", file=sys.stderr)
+    out = []
+    if by == "retrain":  # the method column: "lap: rewind-lr, 50000 steps"
+        for method, runs, modes in by_retrain(good):
+            runs = [r | {"method": f"{method}: {r['method']}"} for r in runs]
+            modes = [f"{method}: {m}" for m in modes]
+            summary = summarize(runs, metric=metric, baseline=modes[0])
+            out.append(to_csv(summary, methods=modes))
+    else:
+        for group in protocol_groups(good).values():
+            out.append(to_csv(summarize(group, metric=metric)))
+    return "".join(out)

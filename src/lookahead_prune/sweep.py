@@ -23,6 +23,7 @@ from .models import build_model, dense_layer_names
 from .pipeline import RETRAIN_MODES, Protocol, for_retrain
 from .prune import canonical_method, excluded_layers
 from .schedule import level_keep
+from .store import config_hash
 from .train import PAPER_STEPS
 
 STEP_FIELDS = ("train_steps", "retrain_steps")
@@ -132,6 +133,15 @@ class Sweep:
         """The steps a family's dense model keeps: 0, each rewind step, :attr:`snapshots`."""
         steps = {0, *self.snapshots, *(p.rewind_key for p in family)}
         return sorted(s for s in steps if s <= family[0].train_steps)
+
+    def run_keys(self) -> set[str]:
+        """The key of every run of the grid."""
+        return {
+            config_hash(run_config(p, m, lv, self.levels))
+            for p in self.protocols()
+            for m in self.methods
+            for lv in self.levels
+        }
 
     def size(self) -> int:
         """Number of pruning runs in the grid."""
