@@ -225,8 +225,6 @@ class Protocol:
                 if isinstance(value, bool) or not isinstance(value, int | float):
                     raise ValueError(f"{name} must be a number, not {value!r}")
                 object.__setattr__(self, name, float(value))
-        if self.scope not in ("layer", "global"):
-            raise ValueError(f"scope must be 'layer' or 'global', not {self.scope!r}")
         if self.nm:
             parse_nm(self.nm)  # a malformed pattern fails before anything runs
             if self.scope != "layer":
