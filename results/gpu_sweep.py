@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch.nn.utils import prune as torch_prune
 
+from lookahead_prune.backends import run_sweep
 from lookahead_prune.batched import train_batched
 from lookahead_prune.data import load_dataset
 from lookahead_prune.pipeline import (
@@ -57,8 +58,9 @@ from lookahead_prune.pipeline import (
     prune_and_retrain_many,
 )
 from lookahead_prune.store import RunStore, config_hash
-from lookahead_prune.sweep import Sweep, _dense_path, get_dense, run_config, run_sweep
+from lookahead_prune.sweep import Sweep, run_config
 from lookahead_prune.train import PAPER_STEPS, evaluate, train
+from lookahead_prune.workdir import dense_path, get_dense
 
 ROOT = Path(__file__).resolve().parent.parent
 CARRY = ROOT / "results" / "gpu-carry"
@@ -271,7 +273,7 @@ def pick_precision(call: Call, stage: Stage, templates: dict[str, Protocol], lev
     group of all copies end in the time left, else bf16 (faster); fp32 without measurements."""
     for precision, template in templates.items():
         protocol = template
-        if _dense_path(call.workdir, protocol).exists():
+        if dense_path(call.workdir, protocol).exists():
             return precision
         with RunStore(call.db) as store:
             if any(store.has(config_hash(run_config(protocol, m, lv, levels)))
@@ -343,7 +345,7 @@ def run_stage(call: Call, stage: Stage) -> bool:
         return True
     data = load_dataset("fashion-mnist", device=call.device)
     probes: dict[int, tuple[float, float]] = {}  # copies -> (estimated s, s per step)
-    if not _dense_path(call.workdir, protocol).exists():
+    if not dense_path(call.workdir, protocol).exists():
         estimate = probe_dense(protocol, data, call.dry)
         model = new_model(protocol, data)
         size = 3 * 4 * sum(p.numel() for p in model.parameters())  # state, init, rewind

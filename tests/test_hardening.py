@@ -207,13 +207,13 @@ def test_a_full_database_is_one_line_and_keeps_what_was_stored(tmp_path):
 
 def test_an_unwritable_checkpoint_folder_fails_before_any_training(tmp_path, capsys, monkeypatch):
     import lookahead_prune.pipeline as pipeline
-    from lookahead_prune import sweep
+    from lookahead_prune import workdir
 
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
     trained = []
-    monkeypatch.setattr(sweep.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(workdir.tempfile, "mkstemp", denied)
     monkeypatch.setattr(pipeline, "train", lambda *a, **k: trained.append(1))
     assert _sweep(tmp_path / "r.sqlite", "4") == 2
     err = capsys.readouterr().err
@@ -290,7 +290,8 @@ def test_a_dead_sweeps_claims_are_taken_over(tmp_path, monkeypatch, capsys):
     import socket
     import time
 
-    from lookahead_prune import claims, sweep
+    from lookahead_prune import claims
+    from lookahead_prune.backends import local
     from lookahead_prune.pipeline import Protocol as P
 
     db = tmp_path / "r.sqlite"
@@ -310,7 +311,7 @@ def test_a_dead_sweeps_claims_are_taken_over(tmp_path, monkeypatch, capsys):
             "INSERT INTO claims VALUES (?, ?, ?)", (other, "elsewhere:1:x", time.time())
         )
     monkeypatch.setattr(claims, "STALE_S", 1.0)  # ...until it goes stale
-    monkeypatch.setattr(sweep, "POLL_S", 0.2)
+    monkeypatch.setattr(local, "POLL_S", 0.2)
     assert _sweep(db, "4") == 0
     assert "waiting for" in capsys.readouterr().out
     with RunStore(db) as store:

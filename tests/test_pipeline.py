@@ -358,7 +358,7 @@ def test_sparse_engine_sweep_stores_what_the_sequential_one_does(tmp_path):
 
 
 def test_sweep_groups_one_shot_runs_only_where_an_engine_trains_them_as_one():
-    from lookahead_prune.sweep import group_size
+    from lookahead_prune.backends import group_size
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     fcn = Protocol(model="fcn", dataset="mnist")

@@ -12,13 +12,14 @@ import time
 import pytest
 import torch
 
+from lookahead_prune.backends import run_sweep
 from lookahead_prune.cli import main
 from lookahead_prune.pipeline import Protocol
 from lookahead_prune.store import RunStore
-from lookahead_prune.sweep import Sweep, run_sweep
+from lookahead_prune.sweep import Sweep
 
 ray = pytest.importorskip("ray")
-from lookahead_prune.ray_backend import CRASH_ENV, RayOptions  # noqa: E402
+from lookahead_prune.backends.ray import CRASH_ENV, RayOptions  # noqa: E402
 
 PROTOCOL = Protocol(model="fcn", dataset="mnist", train_steps=20, retrain_steps=10, subset=600)
 

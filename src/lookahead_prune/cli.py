@@ -5,77 +5,51 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import tomllib
 from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .backends import BACKENDS, run_sweep
 from .batchnorm import recalibrate_batchnorm
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DATASETS, DatasetError, load_dataset
-from .engines import ENGINE_CHOICES
 from .graph import GRAPH_MODES
 from .masks import parse_nm
+from .model_files import load_masked_model
 from .models import model_names
-from .pipeline import RETRAIN_MODES, Protocol, for_retrain, new_model, train_dense
+from .pipeline import for_retrain, new_model, train_dense
+from .protocol import RETRAIN_HELP, Protocol
 from .prune import parse_method, prune
 from .report import (
+    CSV_COLUMNS,
     check_plot_path,
-    method_label,
-    method_order,
     plot_accuracy,
+    print_tables,
+    protocol_groups,
     reportable,
     rows_to_csv,
-    summarize,
-    to_csv,
-    to_markdown,
+    summary_csv,
+    table_title,
 )
 from .scores import SCORES
 from .sparse import SparseExportError, copy_pruned
-from .store import RunStore, StoreError, config_hash
+from .store import RunStore, StoreError
 from .sweep import (
     STEP_FIELDS,
     Sweep,
-    clean_checkpoints,
+    SweepFileError,
     levels_from,
-    model_steps,
     protocol_lines,
-    run_config,
-    run_sweep,
+    read_sweep_file,
+    seeds_from,
+    sweep_from_table,
+    template,
 )
 from .train import evaluate, pick_device
+from .workdir import clean_checkpoints
 
-CSV_COLUMNS = [
-    "model",
-    "dataset",
-    "method",
-    "level",
-    "keep",
-    "seed",
-    "test_acc_pruned",
-    "test_acc_recalibrated",
-    "test_acc_retrained",
-    "train_acc_pruned",
-    "train_acc_retrained",
-    "retrain",
-    "rewind_step",
-    "mode",
-    "train_steps",
-    "retrain_steps",
-    "schedule",
-    "activation",
-    "scope",
-    "bn",
-    "bn_recalibrate",
-    "graph",
-    "wall_time",
-]
-BN_RECAL_HELP = (
-    "after pruning, re-estimate batch-norm statistics on N training batches and report "
-    "accuracy before retraining with and without it (0: off)"
-)
 METHOD_HELP = f"comma-separated methods: {', '.join(sorted(SCORES))}, or e.g. lap-forward-seq"
 
 
@@ -95,37 +69,43 @@ def _doc(func: Any) -> str:
 PAPER_STEPS_HELP = "None: the paper's for each model, e.g. FCN 50k + 50k, Conv-6 30k + 20k"
 
 
+def add_protocol_args(
+    g: Any, *, group: str | None = None, only: Sequence[str] = (),
+    defaults: dict[str, Any] | None = None, overrides: dict[str, dict[str, Any]] | None = None,
+) -> None:  # fmt: skip
+    """Add the flag of every :class:`Protocol` field of ``group`` (or those named in ``only``)
+    as its metadata declares it (:func:`~lookahead_prune.protocol.option`): help, choices, the
+    field's default unless ``defaults`` gives the command's, ``overrides`` per field."""
+    defaults, overrides = defaults or {}, overrides or {}
+    for f in fields(Protocol):
+        meta = f.metadata
+        if (f.name not in only) if only else (group is None or meta.get("group") != group):
+            continue
+        default = defaults.get(f.name, f.default)
+        help_text = meta["help"]
+        if f.name in STEP_FIELDS and default is None:
+            help_text += f" ({PAPER_STEPS_HELP})"
+        kwargs: dict[str, Any] = {"default": default, "help": help_text + meta.get("help_more", "")}
+        kind = str(f.type)
+        if kind == "bool":  # a switch away from the default
+            kwargs.update(action="store_true", default=False)
+        elif kind == "bool | None":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind.startswith("tuple"):  # comma-separated on the command line
+            kwargs["default"] = ",".join(default)
+        elif kind.startswith(("int", "float")):
+            kwargs["type"] = int if kind.startswith("int") else float
+        for key in ("choices", "metavar"):
+            if key in meta:
+                kwargs[key] = list(meta[key]) if key == "choices" else meta[key]
+        kwargs.update(overrides.get(f.name, {}))
+        g.add_argument(meta.get("flag", "--" + f.name.replace("_", "-")), **kwargs)
+
+
 def _add_training_args(p: argparse.ArgumentParser, *, train: int | None) -> None:
     """Options of dense training: every command that trains takes these."""
     g = p.add_argument_group("training")
-    g.add_argument(
-        "--train-steps", type=int, default=train,
-        help="steps of dense training" + (f" ({PAPER_STEPS_HELP})" if train is None else ""),
-    )  # fmt: skip
-    g.add_argument("--lr", type=float, default=None, help="learning rate (None: the paper's)")
-    g.add_argument("--batch-size", type=int, default=60, help="examples per step")
-    g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="optimiser")
-    g.add_argument("--schedule", default="constant", choices=["constant", "cosine", "step"],
-                   help="learning-rate schedule")  # fmt: skip
-    g.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay")
-    g.add_argument("--activation", default="relu", choices=["relu", "sigmoid", "tanh"],
-                   help="nonlinearity of the model")  # fmt: skip
-    g.add_argument("--subset", type=int, default=None, help="use only n training examples")
-    g.add_argument(
-        "--eval-examples", type=int, default=None,
-        help="measure accuracy on the first n test (and training) examples (None: all)",
-    )  # fmt: skip
-    g.add_argument(
-        "--augment", action=argparse.BooleanOptionalAction, default=None,
-        help="random crop (pad 4 black pixels) and flip of training batches (None: the "
-        "dataset's default, as the official code: on for CIFAR-10 and Tiny-ImageNet)",
-    )  # fmt: skip
-    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="bf16: train under bfloat16 autocast (fast on recent GPUs)")  # fmt: skip
-    g.add_argument("--channels-last", action="store_true",
-                   help="NHWC memory layout for conv nets (cuDNN, oneDNN)")  # fmt: skip
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the training step, once for all levels")  # fmt: skip
+    add_protocol_args(g, group="training", defaults={"train_steps": train})
     _add_data_args(p)
 
 
@@ -135,64 +115,22 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (None: cuda if present)")
 
 
-RETRAIN_HELP = (
-    "how the pruned model retrains (Renda et al., 2020): finetune (t = --retrain-steps steps at "
-    "the final rate), rewind-lr (t steps at the rates of training's last t), rewind-weights "
-    "(weights of step k = --rewind-step, then training's steps k..T-1: T - k steps), lottery "
-    "(rewind-weights to k = 0: T steps); Adam's state starts afresh"
-)
-
-
 def _add_pruning_args(
     p: argparse.ArgumentParser, *, retrain: int | None, several: bool = False
 ) -> None:
     """Options of pruning and retraining: what sweeps and the demo take beyond training."""
     g = p.add_argument_group("pruning and retraining")
-    g.add_argument(
-        "--retrain-steps", type=int, default=retrain,
-        help="steps of retraining" + (f" ({PAPER_STEPS_HELP})" if retrain is None else "")
-        + "; the budget t of finetune and rewind-lr (rewind-weights and lottery retrain T - k)",
-    )  # fmt: skip
+    overrides = {}
+    if several:  # every mode for every run: no choices, a comma-separated list
+        help_text = (RETRAIN_HELP + "; comma-separated: every mode for every run, from one "
+                     "dense model, in one group")  # fmt: skip
+        overrides["retrain"] = {"choices": None, "help": help_text}
+    add_protocol_args(g, group="pruning", defaults={"retrain_steps": retrain},
+                      overrides=overrides)  # fmt: skip
     if several:
-        g.add_argument("--retrain", default="finetune", help=RETRAIN_HELP + "; comma-separated: "
-                       "every mode for every run, from one dense model, in one group")  # fmt: skip
         g.add_argument("--dense-snapshots", default="",
                        help="further comma-separated steps at which dense models keep their "
                        "weights, for later weight-rewinding sweeps over them")  # fmt: skip
-    else:
-        g.add_argument("--retrain", default="finetune", choices=RETRAIN_MODES, help=RETRAIN_HELP)
-    g.add_argument("--rewind-step", type=int, default=0, help="step k rewind-weights returns to")
-    g.add_argument("--mode", default="oneshot", choices=["oneshot", "iterative"],
-                   help="prune each level from the dense model, or the levels in turn")  # fmt: skip
-    g.add_argument("--p", type=float, default=None, help="conv keep factor per level (None: paper)")
-    g.add_argument("--q", type=float, default=None, help="linear keep factor per level")
-    g.add_argument("--no-bn", action="store_true", help="LAP without Eq. 9's batch-norm factors")
-    g.add_argument("--bn-recalibrate", type=int, default=0, metavar="N", help=BN_RECAL_HELP)
-    g.add_argument(
-        "--nm", default="", metavar="N:M",
-        help="N:M masks (e.g. 2:4: the best 2 of every 4 consecutive input weights) on every "
-        "layer a level prunes, instead of the level's fraction; the level then only labels "
-        "the run, so give one",
-    )  # fmt: skip
-    g.add_argument("--graph", default="fx", choices=GRAPH_MODES,
-                   help="neighbours from the traced graph (fx; torch.export where fx cannot "
-                   "follow), torch.export only, or module order")  # fmt: skip
-    g.add_argument(
-        "--scope", default="layer", choices=["layer", "global"],
-        help="global: the level's overall fraction under one threshold (normalised scores)",
-    )  # fmt: skip
-    _add_score_examples(g)
-    g.add_argument(
-        "--exclude", default="",
-        help="comma-separated layer names or globs left dense and, with --graph sequential, out "
-        "of the chain (the official code's ResNet shortcuts: '*shortcut*')",
-    )  # fmt: skip
-    g.add_argument(
-        "--engine", default="auto", choices=ENGINE_CHOICES,
-        help="how pruned copies retrain together: sparse (MLPs on CPU: cost follows the "
-        "surviving weights), vmap (GPU), sequential (one train() each, the reference); "
-        "auto picks per model. Results are the same; never part of a run's key",
-    )  # fmt: skip
     g.add_argument(
         "--batch-models", type=int, default=None,
         help="retrain at most this many pruned copies of a dense model together (None: all "
@@ -200,18 +138,10 @@ def _add_pruning_args(
     )  # fmt: skip
 
 
-def _add_score_examples(g: Any) -> None:
-    g.add_argument(
-        "--score-examples", type=int, default=10_000,
-        help="training examples that data scores (lap-act, obd) measure the model on",
-    )  # fmt: skip
-
-
-_FLAG_TO_FIELD = {"no_bn": "bn"}
-
-
-def _protocol(args: argparse.Namespace, model: str, dataset: str, seed: int) -> Protocol:
-    """The protocol the command-line options describe; options a command lacks keep defaults."""
+def _protocol_values(
+    args: argparse.Namespace, model: str, dataset: str, seed: int
+) -> dict[str, Any]:
+    """The protocol fields the command-line options give; options a command lacks are left out."""
     given = vars(args)
     values: dict[str, Any] = {"model": model, "dataset": dataset, "seed": seed}
     for f in fields(Protocol):
@@ -223,7 +153,12 @@ def _protocol(args: argparse.Namespace, model: str, dataset: str, seed: int) -> 
             values["exclude"] = tuple(_split(given["exclude"]))
         elif f.name in given:
             values[f.name] = given[f.name]
-    return Protocol(**values)
+    return values
+
+
+def _protocol(args: argparse.Namespace, model: str, dataset: str, seed: int) -> Protocol:
+    """The protocol the command-line options describe; options a command lacks keep defaults."""
+    return Protocol(**_protocol_values(args, model, dataset, seed))
 
 
 def _keep(text: str) -> float | str:
@@ -238,109 +173,6 @@ def _keep(text: str) -> float | str:
         raise argparse.ArgumentTypeError(why) from None
 
 
-def _seeds(text: str, flag: str = "--seeds") -> list[int]:
-    """Seeds from ``"0,1,2"`` or ``"0-4"``; a bad one names the flag."""
-    try:
-        return levels_from(text)
-    except ValueError:
-        raise ValueError(f"{flag} must be integers like '0,1,2' or '0-4', not {text!r}") from None
-
-
-PROTOCOL_FIELDS = [
-    f.name for f in fields(Protocol) if f.name != "seed" and not f.metadata.get("runtime")
-]
-"""What makes two rows one experiment: everything but the seed and how it was computed."""
-
-
-RETRAIN_FIELDS = ("retrain", "retrain_steps", "rewind_step")
-"""What tells retraining modes apart: ``lap report --by retrain`` compares them in one table."""
-
-
-def protocol_groups(
-    rows: list[dict[str, Any]], *, ignore: Sequence[str] = ()
-) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
-    """Rows grouped by everything in their protocol but the seed (and ``ignore``): one table
-    per group."""
-    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-    for r in rows:
-        key = tuple(repr(r.get(name)) for name in PROTOCOL_FIELDS if name not in ignore)
-        groups.setdefault(key, []).append(r)
-    return groups
-
-
-def retrain_label(row: dict[str, Any]) -> str:
-    """A retraining mode as a table row: ``rewind-weights k=2500, 47500 steps``."""
-    mode = row.get("retrain") or "finetune"
-    k = f" k={row.get('rewind_step')}" if mode == "rewind-weights" else ""
-    return f"{mode}{k}, {row.get('retrain_steps')} steps"
-
-
-def by_retrain(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]], list[str]]]:
-    """Per protocol (but its retraining) and method: (method, rows whose ``method`` is their
-    retraining mode, the modes in order: finetune, rewind-weights, rewind-lr, lottery, each
-    from the longest retraining down). The first, fine-tuning's longest, is the baseline."""
-    tables = []
-    for group in protocol_groups(rows, ignore=RETRAIN_FIELDS).values():
-        for method in method_order({r["method"] for r in group}):
-            runs = [r | {"method": retrain_label(r)} for r in group if r["method"] == method]
-            rank = {mode: i for i, mode in enumerate(RETRAIN_MODES)}
-            order = sorted({(rank[r.get("retrain") or "finetune"], -(r.get("retrain_steps") or 0),
-                             r["method"]) for r in runs})  # fmt: skip
-            tables.append((method, runs, list(dict.fromkeys(o[-1] for o in order))))
-    return tables
-
-
-METRIC_WORDS = {
-    "test_acc_retrained": "test error (%) after retraining",
-    "test_acc_pruned": "test error (%) right after pruning, before retraining",
-    "test_acc_recalibrated": "test error (%) before retraining, batch norm recalibrated",
-    "train_acc_retrained": "training error (%) after retraining",
-}
-
-
-BEFORE_RETRAINING = ("test_acc_pruned", "test_acc_recalibrated")
-OPTIONAL_METRICS = ("test_acc_recalibrated",)
-"""Metrics only some runs have (``--bn-recalibrate``): runs without them are left out quietly."""
-
-
-def _title(rows: list[dict[str, Any]], metric: str) -> str:
-    """A table's title in words: model, data, how it was pruned and what the cells show."""
-    r = rows[0]
-    steps = f"{r.get('train_steps')} training steps"
-    how = f"{r.get('mode')} pruning"
-    if metric not in BEFORE_RETRAINING:  # retraining has not happened yet for that table
-        how += f", {r.get('retrain')} retraining"
-        steps += f" + {r.get('retrain_steps')} retraining steps"
-    what = METRIC_WORDS.get(metric, metric)
-    return f"{r['model']} ({r.get('activation')}) on {r['dataset']}, {how}, {steps}: {what}"
-
-
-def _print_tables(rows: list[dict[str, Any]], metric: str, by: str = "method") -> None:
-    if metric in OPTIONAL_METRICS:
-        rows = [r for r in rows if r.get(metric) is not None]
-        if not rows:
-            print(f"lap report: no run has {metric} (sweep with --bn-recalibrate N)",
-                  file=sys.stderr)  # fmt: skip
-    good, problems = reportable(rows, metric)
-    for problem in problems:
-        print(f"lap report: skipped a run: {problem}", file=sys.stderr)
-    if by == "retrain":
-        for method, runs, modes in by_retrain(good):
-            summary = summarize(runs, metric=metric, baseline=modes[0])
-            r = runs[0]
-            title = (f"{r['model']} ({r.get('activation')}) on {r['dataset']}, {r.get('mode')} "
-                     f"pruning with {method_label(method)}, {r.get('train_steps')} training "
-                     f"steps ({r.get('schedule')} rate), by retraining mode: "
-                     f"{METRIC_WORDS.get(metric, metric)}")  # fmt: skip
-            print(to_markdown(summary, title=title, methods=modes, label=str))
-            print()
-        return
-    for group in protocol_groups(good).values():
-        summary = summarize(group, metric=metric)
-        print(to_markdown(summary, title=_title(group, metric)))
-        print()
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     """Train the FCN on bundled MNIST, prune with MP and LAP at several levels, retrain, report."""
     out = Path(args.out)
@@ -348,7 +180,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     protocol = for_retrain(_protocol(args, "fcn", "mnist", 0), mode)
     sweep = Sweep(
         protocol, ["fcn"], ["mnist"], _split(args.methods), levels_from(args.levels),
-        _seeds(args.seeds),
+        seeds_from(args.seeds),
     )  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     db = out / "demo.sqlite"
@@ -358,48 +190,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )  # fmt: skip
     with RunStore(db) as store:
-        rows = [r for r in store.runs(model="fcn", dataset="mnist") if r["key"] in _keys(sweep)]
+        rows = [r for r in store.runs(model="fcn", dataset="mnist") if r["key"] in sweep.run_keys()]
     print()
     for metric in ("test_acc_pruned", "test_acc_retrained"):
-        _print_tables(rows, metric)
+        print_tables(rows, metric)
     if protocol.bn_recalibrate:
-        _print_tables(rows, "test_acc_recalibrated")
+        print_tables(rows, "test_acc_recalibrated")
     plot = out / "demo.png"
     plot_accuracy(rows, plot, title="FCN on MNIST: MP vs LAP")
     print(f"{stats.done} runs done, {stats.skipped} already in {db}; plot: {plot}")
     print(f"wall time {time.perf_counter() - start:.1f}s")
     return 0
-
-
-def _keys(sweep: Sweep) -> set[str]:
-    return {
-        config_hash(run_config(p, m, lv, sweep.levels))
-        for p in sweep.protocols()
-        for m in sweep.methods
-        for lv in sweep.levels
-    }
-
-
-def _as_list(value: Any, key: str, kind: type = str) -> list[Any]:
-    """A TOML value that may be a list, one scalar, or a comma-separated string; each item
-    must be a ``kind`` (no bool for int, no float for int), or the key is named in the error."""
-    if isinstance(value, str):
-        items: list[Any] = _split(value)
-        if kind is int:
-            return _seeds(value, flag=key) if key == "seeds" else levels_from(value)
-    elif isinstance(value, list | tuple):
-        items = list(value)
-    elif isinstance(value, dict):
-        raise ValueError(f"TOML key {key!r} must be a list or a string, not a table")
-    else:
-        items = [value]
-    for item in items:
-        if not isinstance(item, kind) or isinstance(item, bool):
-            raise ValueError(
-                f"TOML key {key!r} must hold {kind.__name__} values, not {item!r} "
-                f"({type(item).__name__})"
-            )
-    return items
 
 
 def _changed_sweep_flags(args: argparse.Namespace) -> list[str]:
@@ -410,97 +211,42 @@ def _changed_sweep_flags(args: argparse.Namespace) -> list[str]:
             if k not in ignore and defaults.get(k) != v]  # fmt: skip
 
 
-SWEEP_KEYS = ("models", "datasets", "methods", "levels", "seeds", "db", "data_dir", "device",
-              "backend", "address", "cpus_per_task", "gpus_per_task", "storage",
-              "dense_snapshots")  # fmt: skip
-"""TOML keys of a sweep besides the :class:`Protocol` fields (see examples/sweep.toml)."""
-
-
-def _load_toml(path: str) -> dict[str, Any]:
-    """A sweep file's table, with ``train-steps`` spelt either way (as flags or as fields)."""
-    try:
-        with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"{path} is not valid TOML: {error}") from None
-    table: dict[str, Any] = {}
-    for key, value in raw.items():
-        name = key.replace("-", "_")
-        if name in table:
-            raise ValueError(f"{path}: key {key!r} is given twice (with - and _)")
-        table[name] = value
-    return table
-
-
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run a grid of (model, dataset, seed, method, level) into the results database."""
     if args.config:
-        cfg = _load_toml(args.config)
-        known = {f.name for f in fields(Protocol)} | set(SWEEP_KEYS)
-        unknown = set(cfg) - known
-        if unknown:
-            raise SystemExit(
-                f"{args.config}: unknown keys {sorted(unknown)}; known {sorted(known)}"
-            )
-        missing = [k for k in ("methods", "levels") if k not in cfg]
-        if missing:
-            raise SystemExit(f"{args.config}: missing keys {missing}")
+        try:
+            cfg = read_sweep_file(args.config)
+        except SweepFileError as error:
+            raise SystemExit(str(error)) from None
         overridden = _changed_sweep_flags(args)
         if overridden:
             raise SystemExit(
                 f"lap sweep: {args.config} describes the sweep; put {overridden} in the file "
                 "instead of passing them as flags"
             )
-        proto_fields = {k: v for k, v in cfg.items() if k in {f.name for f in fields(Protocol)}}
-        retrains = _as_list(proto_fields.pop("retrain", "finetune"), "retrain")
-        models = _as_list(cfg.get("models", [proto_fields.get("model", "fcn")]), "models")
-        paper = frozenset(f for f in STEP_FIELDS if f not in proto_fields)
-        steps = dict(zip(STEP_FIELDS, model_steps(str(models[0])), strict=True))
-        template = Protocol(
-            **({"model": "fcn", "dataset": "mnist"} | {f: steps[f] for f in paper} | proto_fields)
-        )
-        for key in ("db", "data_dir", "device", "backend", "address", "storage"):
-            if key in cfg and not isinstance(cfg[key], str):
-                raise ValueError(f"TOML key {key!r} must be a string, not {cfg[key]!r}")
-        for key in ("cpus_per_task", "gpus_per_task"):
-            value = cfg.get(key, 1.0)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"TOML key {key!r} must be a number, not {value!r}")
-        cluster = {k: cfg.get(k, getattr(args, k)) for k in
+        sweep, settings = sweep_from_table(cfg)
+        db = settings.get("db", args.db)
+        data_dir = settings.get("data_dir", args.data_dir)
+        device = settings.get("device", args.device)
+        cluster = {k: settings.get(k, getattr(args, k)) for k in
                    ("backend", "address", "cpus_per_task", "gpus_per_task", "storage")}  # fmt: skip
-        sweep = Sweep(
-            template,
-            models,
-            _as_list(cfg.get("datasets", [template.dataset]), "datasets"),
-            _as_list(cfg["methods"], "methods"),
-            _as_list(cfg["levels"], "levels", int),
-            _as_list(cfg.get("seeds", [0]), "seeds", int),
-            paper_steps=paper,
-            retrains=retrains,
-            snapshots=_as_list(cfg.get("dense_snapshots", []), "dense_snapshots", int),
-        )
-        db = cfg.get("db", args.db)
-        data_dir, device = cfg.get("data_dir", args.data_dir), cfg.get("device", args.device)
     else:
         if not (args.model and args.methods and args.levels):
             raise SystemExit("lap sweep: give --model, --methods and --levels (or a TOML file)")
-        paper = frozenset(f for f in STEP_FIELDS if getattr(args, f) is None)
-        steps = dict(zip(STEP_FIELDS, model_steps(_split(args.model)[0]), strict=True))
-        for name in paper:
-            setattr(args, name, steps[name])
         retrains = _split(args.retrain)
         args.retrain = "finetune"  # the template: --retrain-steps is the budget t
-        template = _protocol(args, "fcn", "mnist", 0)
+        models = _split(args.model)
+        protocol, paper = template(_protocol_values(args, "fcn", "mnist", 0), models)
         snapshots = (
-            _seeds(args.dense_snapshots, "--dense-snapshots") if args.dense_snapshots else []
+            seeds_from(args.dense_snapshots, "--dense-snapshots") if args.dense_snapshots else []
         )
         sweep = Sweep(
-            template,
-            _split(args.model),
+            protocol,
+            models,
             _split(args.dataset),
             _split(args.methods),
             levels_from(args.levels),
-            _seeds(args.seeds),
+            seeds_from(args.seeds),
             paper_steps=paper,
             retrains=retrains,
             snapshots=snapshots,
@@ -510,7 +256,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                    ("backend", "address", "cpus_per_task", "gpus_per_task", "storage")}  # fmt: skip
     ray_options = None
     if cluster["backend"] == "ray":
-        from .ray_backend import RayOptions, require_ray
+        from .backends.ray import RayOptions, require_ray
 
         require_ray()  # one line on how to install it, before anything runs
         ray_options = RayOptions(**{k: v for k, v in cluster.items() if k != "backend"})
@@ -551,20 +297,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.format == "csv":
         sys.stdout.write(rows_to_csv(rows, CSV_COLUMNS))
     elif args.format == "summary-csv":
-        good, problems = reportable(rows, args.metric)
-        for problem in problems:
-            print(f"lap report: skipped a run: {problem}", file=sys.stderr)
-        if args.by == "retrain":  # the method column: "lap: rewind-lr, 50000 steps"
-            for method, runs, modes in by_retrain(good):
-                runs = [r | {"method": f"{method}: {r['method']}"} for r in runs]
-                modes = [f"{method}: {m}" for m in modes]
-                summary = summarize(runs, metric=args.metric, baseline=modes[0])
-                sys.stdout.write(to_csv(summary, methods=modes))
-        else:
-            for group in protocol_groups(good).values():
-                sys.stdout.write(to_csv(summarize(group, metric=args.metric)))
+        sys.stdout.write(summary_csv(rows, args.metric, args.by))
     else:
-        _print_tables(rows, args.metric, args.by)
+        print_tables(rows, args.metric, args.by)
     if args.plot:
         good, _ = reportable(rows, "test_acc_retrained")
         groups = list(protocol_groups(good).values())
@@ -574,7 +309,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             recal = all(r.get("test_acc_recalibrated") is not None for r in group)
             metrics = ("test_acc_pruned",) + ("test_acc_recalibrated",) * recal
             plot_accuracy(group, path, metrics=(*metrics, "test_acc_retrained"),
-                          title=_title(group, "test accuracy"))  # fmt: skip
+                          title=table_title(group, "test accuracy"))  # fmt: skip
             if not args.quiet:
                 print(f"plot written to {path}", file=sys.stderr)
     return 0
@@ -645,49 +380,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _masked_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any], tuple[int, ...]]:
-    """The model of a `lap prune --out` (or `lap train --out`) checkpoint with its masks
-    applied, the protocol it records, and the shape of one input."""
-    from torch.nn.utils import prune as torch_prune
-
-    from .data.sources import SOURCES
-    from .models import build_model
-
-    state = load_checkpoint(args.checkpoint, cache=False)
-    if "magic" in state:
-        raise ValueError(f"{args.checkpoint} is already an export; give a file from "
-                         "`lap prune --out`")  # fmt: skip
-    if not isinstance(state.get("state"), dict):
-        raise ValueError(
-            f"{args.checkpoint} holds no model state; give a file from `lap prune --out`"
-        )
-    saved = state.get("protocol", {}) or {}
-    name = saved.get("model") or args.model
-    dataset = saved.get("dataset") or args.dataset
-    if name is None or dataset is None:
-        raise ValueError(f"{args.checkpoint} records no model or dataset; give --model, --dataset")
-    source = SOURCES[dataset]
-    c, h, _ = source.input_shape
-    model = build_model(name, in_channels=c, image_size=h, num_classes=source.num_classes,
-                        activation=saved.get("activation", "relu"))  # fmt: skip
-    weights = state["state"]
-    for key, mask in weights.items():
-        if key.endswith("_mask"):
-            module_name, _, param = key[: -len("_mask")].rpartition(".")
-            try:
-                module = model.get_submodule(module_name)
-            except AttributeError:
-                raise ValueError(f"{args.checkpoint} does not fit model {name!r}: "
-                                 f"no layer {module_name!r}") from None  # fmt: skip
-            torch_prune.custom_from_mask(module, param, mask.bool())
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as err:
-        first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
-        raise ValueError(f"{args.checkpoint} does not fit model {name!r}: {first}") from None
-    return model.eval(), saved, (c, h, h)
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a pruned model (from `lap prune --out`) for inference: `--format sparse` writes
     only the surviving weights (load with lookahead_prune.load_sparse; sparse layers where
@@ -699,7 +391,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from .sparse import fold_masks, latency, load_sparse, save_sparse, to_sparse
 
-    model, saved, shape = _masked_model(args)
+    model, saved, shape = load_masked_model(args.checkpoint, args.model, args.dataset)
     batch = int(saved.get("batch_size") or 60)
     dense = fold_masks(copy_pruned(model))
     buffer = io.BytesIO()
@@ -780,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--db", default="results.sqlite", help="results database (SQLite)")
     g = sw.add_argument_group("cluster (--backend ray)")
     g.add_argument(
-        "--backend", default="local", choices=["local", "ray"],
+        "--backend", default="local", choices=list(BACKENDS),
         help="run here, or as tasks on a Ray cluster (pip install 'lookahead-prune[ray]')",
     )  # fmt: skip
     g.add_argument(
@@ -839,9 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="architecture, for checkpoints that do not record it")  # fmt: skip
     pr.add_argument("--dataset", default=None, choices=DATASETS,
                     help="test data, for checkpoints that do not record it")  # fmt: skip
-    pr.add_argument("--bn-recalibrate", type=int, default=0, metavar="N", help=BN_RECAL_HELP)
+    add_protocol_args(pr, only=("bn_recalibrate", "score_examples"))
     pr.add_argument("--out", default=None, help="save the pruned model here")
-    _add_score_examples(pr)
     _add_data_args(pr)
 
     ex = command("export", cmd_export)

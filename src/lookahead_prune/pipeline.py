@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -30,280 +30,44 @@ from torch import nn
 
 from .batchnorm import recalibrate_batchnorm
 from .data import ImageDataset
-from .data.sources import SOURCES
-from .engines import ENGINE_CHOICES, train_many
-from .graph import GRAPH_MODES, prunable_layers
-from .masks import parse_nm
-from .methods import MethodSpec, canonical_method, resolve
+from .engines import train_many
+from .graph import prunable_layers
+from .methods import MethodSpec, resolve
 from .models import build_model, dense_layer_names
-from .models.activations import ACTIVATIONS
 from .progress import progress_bar
-from .prune import LayerResult, PruneReport, excluded_layers, prune
-from .schedule import kept_fraction, level_keep, paper_pq
-from .train import (
-    OPTIMIZERS,
-    PRECISIONS,
-    SCHEDULES,
-    TrainConfig,
-    evaluate,
-    lr_at,
-    paper_lr,
-    train,
+from .protocol import (
+    DEFINITIONS,
+    PRUNE_MODES,
+    RETRAIN_MODES,
+    REWINDING,
+    Protocol,
+    for_retrain,
+    retrain_length,
 )
+from .prune import LayerResult, PruneReport, excluded_layers, prune
+from .schedule import kept_fraction, level_keep
+from .train import TrainConfig, evaluate, lr_at, train
 
-RETRAIN_MODES = ("finetune", "rewind-weights", "rewind-lr", "lottery")
-REWINDING = ("rewind-weights", "lottery")
-"""Modes that retrain the rest of the first training from a rewind step: T - k steps."""
-DEFINITIONS = "renda2020"
-"""Marks the run keys whose meaning changed when the modes began to follow Renda et al.
-exactly (see :meth:`Protocol.run_config`)."""
-PRUNE_MODES = ("oneshot", "iterative")
+__all__ = [  # the protocol's names stay importable from here
+    "DEFINITIONS",
+    "PRUNE_MODES",
+    "RETRAIN_MODES",
+    "REWINDING",
+    "DenseModel",
+    "LevelResult",
+    "Protocol",
+    "dense_model",
+    "for_retrain",
+    "load_weights_keeping_masks",
+    "new_model",
+    "prune_and_retrain",
+    "prune_and_retrain_many",
+    "retrain_config",
+    "retrain_length",
+    "train_dense",
+]
 
-ADDED = {"added": True}
-"""Field metadata: added after results were first stored. Such a field enters a run's key
-only when it differs from its default, so configurations stored before it keep their keys."""
-RUNTIME = {"runtime": True}
-"""Field metadata: how the computation runs (memory layout, compilation), not what it computes;
-never part of a run's key."""
 TRAIN_EVAL_EXAMPLES = 10_000  # train accuracy (Appendix B) is measured on this many examples
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-_FIELD_TYPES: dict[str, tuple[Any, str]] = {
-    "str": (lambda v: isinstance(v, str), "a string"),
-    "int": (_is_int, "an integer"),
-    "bool": (lambda v: isinstance(v, bool), "true or false"),
-    "bool | None": (lambda v: v is None or isinstance(v, bool), "true or false"),
-    "int | None": (lambda v: v is None or _is_int(v), "an integer"),
-    "float | None": (lambda v: v is None or _is_number(v), "a number"),
-    "float": (_is_number, "a number"),
-    "tuple[str, ...]": (
-        lambda v: (
-            isinstance(v, str)
-            or (isinstance(v, list | tuple) and all(isinstance(x, str) for x in v))
-        ),
-        "a list of strings",
-    ),
-}
-"""How each :class:`Protocol` field's annotation is checked (TOML and the library alike)."""
-
-
-@dataclass(frozen=True)
-class Protocol:
-    """Everything shared by the runs of one dense model: what to train and how to retrain."""
-
-    model: str
-    dataset: str
-    seed: int = 0
-    activation: str = "relu"
-    train_steps: int = 1000
-    retrain_steps: int = 1000
-    lr: float | None = None  # None: the paper's learning rate for the model
-    batch_size: int = 60
-    optimizer: str = "adam"
-    schedule: str = "constant"
-    weight_decay: float = 0.0
-    retrain: str = "finetune"
-    rewind_step: int = 0
-    mode: str = "oneshot"
-    p: float | None = None  # None: the paper's (p, q) for the model
-    q: float | None = None
-    bn: bool = True
-    graph: str = "fx"
-    subset: int | None = None
-    scope: str = "layer"  # "global": one threshold for the level's overall keep fraction
-    exclude: tuple[str, ...] = field(default=(), metadata=ADDED)  # layers left dense (globs)
-    eval_examples: int | None = field(default=None, metadata=ADDED)  # None: whole test set
-    precision: str = field(default="fp32", metadata=ADDED)  # "bf16": autocast in training
-    score_examples: int = field(default=10_000, metadata=ADDED)  # lap-act/obd measure on these
-    # crop+flip training batches; None: the dataset's default (CIFAR-10, Tiny-ImageNet: on)
-    augment: bool | None = field(default=None, metadata=ADDED | {"key_default": False})
-    bn_recalibrate: int = field(default=0, metadata=ADDED)  # batches re-estimating BN after pruning
-    nm: str = field(default="", metadata=ADDED)  # "2:4": N:M masks instead of the level's fraction
-    channels_last: bool = field(default=False, metadata=RUNTIME)
-    compile: bool = field(default=False, metadata=RUNTIME)
-    engine: str = field(default="auto", metadata=RUNTIME)  # how retraining groups compute
-
-    def __post_init__(self) -> None:
-        for f in fields(self):  # strict types first: "no" is not False, 2.7 is not a level
-            check, wanted = _FIELD_TYPES[str(f.type)]
-            if not check(getattr(self, f.name)):
-                raise ValueError(f"{f.name} must be {wanted}, not {getattr(self, f.name)!r}")
-        for name, allowed in (("activation", tuple(ACTIVATIONS)), ("graph", GRAPH_MODES),
-                              ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):  # fmt: skip
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
-        for name in ("batch_size", "subset", "score_examples"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, not {value!r}")
-        if self.bn_recalibrate < 0:
-            raise ValueError(f"bn_recalibrate must be >= 0 batches, not {self.bn_recalibrate}")
-        if isinstance(self.exclude, str):
-            raise ValueError(f"exclude must be a list of patterns, not the string {self.exclude!r}")
-        object.__setattr__(self, "exclude", tuple(sorted(set(self.exclude))))  # order-free key
-        if self.augment is None:  # resolved here, so the key says what was done
-            source = SOURCES.get(self.dataset)
-            object.__setattr__(self, "augment", bool(source and source.augment))
-        if self.engine not in ENGINE_CHOICES:
-            raise ValueError(f"engine must be one of {ENGINE_CHOICES}, not {self.engine!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
-        if self.eval_examples is not None and (
-            isinstance(self.eval_examples, bool)
-            or not isinstance(self.eval_examples, int)
-            or self.eval_examples < 1
-        ):
-            raise ValueError(f"eval_examples must be an integer >= 1, not {self.eval_examples!r}")
-        for name in ("lr", "p", "q", "weight_decay"):  # 0 and 0.0 must hash alike
-            value = getattr(self, name)
-            if value is not None:
-                if isinstance(value, bool) or not isinstance(value, int | float):
-                    raise ValueError(f"{name} must be a number, not {value!r}")
-                object.__setattr__(self, name, float(value))
-        if self.retrain not in RETRAIN_MODES:
-            raise ValueError(f"retrain must be one of {RETRAIN_MODES}, not {self.retrain!r}")
-        if self.scope not in ("layer", "global"):
-            raise ValueError(f"scope must be 'layer' or 'global', not {self.scope!r}")
-        if self.nm:
-            parse_nm(self.nm)  # a malformed pattern fails before anything runs
-            if self.scope != "layer":
-                raise ValueError(f"nm={self.nm!r} is per group of weights; use scope 'layer'")
-        if self.mode not in PRUNE_MODES:
-            raise ValueError(f"mode must be one of {PRUNE_MODES}, not {self.mode!r}")
-        if self.train_steps < 0 or self.retrain_steps < 0:
-            raise ValueError("train_steps and retrain_steps must be >= 0")
-        if not 0 <= self.rewind_step <= self.train_steps:
-            raise ValueError(
-                f"rewind_step must be within the first training (0..{self.train_steps}), "
-                f"not {self.rewind_step}"
-            )
-        wanted = retrain_length(self.retrain, self.train_steps, self.retrain_steps,  # type: ignore[assignment]
-                                self.rewind_key)  # fmt: skip
-        if self.retrain_steps != wanted:
-            raise ValueError(
-                f"retrain {self.retrain!r} trains the rest of the first training from step "
-                f"{self.rewind_key}: train_steps - rewind_step = {wanted} steps (Renda et al., "
-                f"2020), not retrain_steps = {self.retrain_steps}; give {wanted}"
-            )
-        if (self.retrain == "rewind-lr" and self.schedule != "constant"
-                and self.retrain_steps > self.train_steps):  # fmt: skip
-            raise ValueError(
-                f"rewind-lr replays the last retrain_steps learning rates of the first training, "
-                f"so retrain_steps ({self.retrain_steps}) must be <= train_steps "
-                f"({self.train_steps}) under the {self.schedule!r} schedule"
-            )
-
-    @property
-    def learning_rate(self) -> float:
-        """The learning rate in use: the given one or the paper's."""
-        return self.lr if self.lr is not None else paper_lr(self.model)
-
-    @property
-    def pq(self) -> tuple[float, float]:
-        """(p, q) of the level schedule: the given values or the paper's."""
-        p0, q0 = paper_pq(self.model)
-        return (self.p if self.p is not None else p0, self.q if self.q is not None else q0)
-
-    def _key_fields(self, names: Sequence[str] | None = None) -> dict[str, Any]:
-        """Fields that identify a result: runtime ones never, added ones unless at default."""
-        out = {}
-        for f in fields(self):
-            if f.metadata.get("runtime") or (names is not None and f.name not in names):
-                continue
-            value = getattr(self, f.name)
-            if f.metadata.get("added") and value == f.metadata.get("key_default", f.default):
-                continue
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
-
-    def dense_config(self) -> dict[str, Any]:
-        """The fields that determine the dense model (its cache key)."""
-        keys = ("model", "dataset", "seed", "activation", "train_steps", "batch_size",
-                "optimizer", "schedule", "weight_decay", "subset", "eval_examples",
-                "precision", "augment")  # fmt: skip
-        return self._key_fields(keys) | {
-            "lr": self.learning_rate,
-            "rewind_step": 0,  # once the rewind step; now the checkpoint holds every one needed
-        }
-
-    @property
-    def rewind_key(self) -> int:
-        """The rewind step where it matters (weight rewinding), else 0, for stable keys."""
-        return self.rewind_step if self.retrain == "rewind-weights" else 0
-
-    def run_config(self, method: str, level: int) -> dict[str, Any]:
-        """The full configuration of one pruning run, as stored and hashed.
-
-        Rewinding modes under a schedule that changes the rate carry ``"definitions":
-        "renda2020"``: before, ``rewind-lr``, ``rewind-weights`` and ``lottery`` replayed the
-        whole schedule compressed into ``retrain_steps``; now they follow Renda et al. (see
-        the module's docstring), so such a stored row has another meaning and must not be
-        reused. Under a constant rate their meaning is unchanged (and ``rewind-weights`` /
-        ``lottery`` must now retrain T - k steps, as the row says), as is ``finetune``'s
-        under any schedule, so those keys stay as they were.
-        """
-        p, q = self.pq
-        marker = {}
-        if self.retrain != "finetune" and self.schedule != "constant":
-            marker = {"definitions": DEFINITIONS}
-        return (
-            self._key_fields()
-            | {"lr": self.learning_rate, "p": p, "q": q, "rewind_step": self.rewind_key}
-            | marker
-            | {
-                "method": canonical_method(method),  # aliases share one key
-                "level": level,
-            }
-        )
-
-    def train_config(
-        self, steps: int, *, lr: float | None = None, schedule: str | None = None,
-        schedule_start: int = 0, schedule_steps: int = 0,
-    ) -> TrainConfig:  # fmt: skip
-        """A :class:`TrainConfig` for ``steps`` steps of this protocol."""
-        return TrainConfig(
-            steps=steps,
-            schedule_start=schedule_start,
-            schedule_steps=schedule_steps,
-            lr=lr if lr is not None else self.learning_rate,
-            batch_size=self.batch_size,
-            optimizer=self.optimizer,
-            weight_decay=self.weight_decay,
-            schedule=schedule or self.schedule,
-            seed=self.seed,
-            augment=bool(self.augment),
-            pad_value=SOURCES[self.dataset].black if self.dataset in SOURCES else (),
-            precision=self.precision,
-            channels_last=self.channels_last,
-            compile=self.compile,
-        )
-
-
-def retrain_length(mode: str, train_steps: int, retrain_steps: int, rewind_step: int) -> int:
-    """Steps that retraining in ``mode`` takes: t for ``finetune`` and ``rewind-lr``, the rest
-    of the first training (T - k) for ``rewind-weights`` (k = ``rewind_step``) and
-    ``lottery`` (k = 0)."""
-    if mode == "lottery":
-        return train_steps
-    if mode == "rewind-weights":
-        return train_steps - rewind_step
-    return retrain_steps
-
-
-def for_retrain(template: Protocol, mode: str) -> Protocol:
-    """``template`` retrained in ``mode``; ``template.retrain_steps`` is the budget t of
-    ``finetune`` and ``rewind-lr``, while ``rewind-weights`` and ``lottery`` take T - k."""
-    k = template.rewind_step if mode == "rewind-weights" else 0
-    steps = retrain_length(mode, template.train_steps, template.retrain_steps, k)
-    return replace(template, retrain=mode, retrain_steps=steps)
 
 
 @dataclass

@@ -14,10 +14,13 @@ import io
 import json
 import math
 import numbers
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from .protocol import RETRAIN_MODES, Protocol
 
 __all__ = [
     "DEFAULT_METHOD_ORDER",
@@ -443,3 +446,152 @@ def plot_accuracy(
         fig.suptitle(title or subject)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
+
+
+PROTOCOL_FIELDS = [
+    f.name for f in fields(Protocol) if f.name != "seed" and not f.metadata.get("runtime")
+]
+"""What makes two rows one experiment: everything but the seed and how it was computed."""
+
+
+RETRAIN_FIELDS = ("retrain", "retrain_steps", "rewind_step")
+"""What tells retraining modes apart: ``lap report --by retrain`` compares them in one table."""
+
+
+def protocol_groups(
+    rows: list[dict[str, Any]], *, ignore: Sequence[str] = ()
+) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
+    """Rows grouped by everything in their protocol but the seed (and ``ignore``): one table
+    per group."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        key = tuple(repr(r.get(name)) for name in PROTOCOL_FIELDS if name not in ignore)
+        groups.setdefault(key, []).append(r)
+    return groups
+
+
+def retrain_label(row: dict[str, Any]) -> str:
+    """A retraining mode as a table row: ``rewind-weights k=2500, 47500 steps``."""
+    mode = row.get("retrain") or "finetune"
+    k = f" k={row.get('rewind_step')}" if mode == "rewind-weights" else ""
+    return f"{mode}{k}, {row.get('retrain_steps')} steps"
+
+
+def by_retrain(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]], list[str]]]:
+    """Per protocol (but its retraining) and method: (method, rows whose ``method`` is their
+    retraining mode, the modes in order: finetune, rewind-weights, rewind-lr, lottery, each
+    from the longest retraining down). The first, fine-tuning's longest, is the baseline."""
+    tables = []
+    for group in protocol_groups(rows, ignore=RETRAIN_FIELDS).values():
+        for method in method_order({r["method"] for r in group}):
+            runs = [r | {"method": retrain_label(r)} for r in group if r["method"] == method]
+            rank = {mode: i for i, mode in enumerate(RETRAIN_MODES)}
+            order = sorted({(rank[r.get("retrain") or "finetune"], -(r.get("retrain_steps") or 0),
+                             r["method"]) for r in runs})  # fmt: skip
+            tables.append((method, runs, list(dict.fromkeys(o[-1] for o in order))))
+    return tables
+
+
+METRIC_WORDS = {
+    "test_acc_retrained": "test error (%) after retraining",
+    "test_acc_pruned": "test error (%) right after pruning, before retraining",
+    "test_acc_recalibrated": "test error (%) before retraining, batch norm recalibrated",
+    "train_acc_retrained": "training error (%) after retraining",
+}
+
+
+BEFORE_RETRAINING = ("test_acc_pruned", "test_acc_recalibrated")
+OPTIONAL_METRICS = ("test_acc_recalibrated",)
+"""Metrics only some runs have (``--bn-recalibrate``): runs without them are left out quietly."""
+
+
+def table_title(rows: list[dict[str, Any]], metric: str) -> str:
+    """A table's title in words: model, data, how it was pruned and what the cells show."""
+    r = rows[0]
+    steps = f"{r.get('train_steps')} training steps"
+    how = f"{r.get('mode')} pruning"
+    if metric not in BEFORE_RETRAINING:  # retraining has not happened yet for that table
+        how += f", {r.get('retrain')} retraining"
+        steps += f" + {r.get('retrain_steps')} retraining steps"
+    what = METRIC_WORDS.get(metric, metric)
+    return f"{r['model']} ({r.get('activation')}) on {r['dataset']}, {how}, {steps}: {what}"
+
+
+def retrain_table_title(runs: list[dict[str, Any]], method: str, metric: str) -> str:
+    """The title of one ``--by retrain`` table: the protocol, the method, what cells show."""
+    r = runs[0]
+    return (f"{r['model']} ({r.get('activation')}) on {r['dataset']}, {r.get('mode')} "
+            f"pruning with {method_label(method)}, {r.get('train_steps')} training "
+            f"steps ({r.get('schedule')} rate), by retraining mode: "
+            f"{METRIC_WORDS.get(metric, metric)}")  # fmt: skip
+
+
+CSV_COLUMNS = [
+    "model",
+    "dataset",
+    "method",
+    "level",
+    "keep",
+    "seed",
+    "test_acc_pruned",
+    "test_acc_recalibrated",
+    "test_acc_retrained",
+    "train_acc_pruned",
+    "train_acc_retrained",
+    "retrain",
+    "rewind_step",
+    "mode",
+    "train_steps",
+    "retrain_steps",
+    "schedule",
+    "activation",
+    "scope",
+    "bn",
+    "bn_recalibrate",
+    "graph",
+    "wall_time",
+]
+"""The columns of ``lap report --format csv``: one row per run."""
+
+
+def print_tables(rows: list[dict[str, Any]], metric: str, by: str = "method") -> None:
+    """Print ``rows`` as markdown tables of ``metric``: one per protocol (``by="method"``),
+    or per protocol but its retraining and per method (``by="retrain"``); runs that cannot
+    be shown are named on stderr."""
+    if metric in OPTIONAL_METRICS:
+        rows = [r for r in rows if r.get(metric) is not None]
+        if not rows:
+            print(f"lap report: no run has {metric} (sweep with --bn-recalibrate N)",
+                  file=sys.stderr)  # fmt: skip
+    good, problems = reportable(rows, metric)
+    for problem in problems:
+        print(f"lap report: skipped a run: {problem}", file=sys.stderr)
+    if by == "retrain":
+        for method, runs, modes in by_retrain(good):
+            summary = summarize(runs, metric=metric, baseline=modes[0])
+            title = retrain_table_title(runs, method, metric)
+            print(to_markdown(summary, title=title, methods=modes, label=str))
+            print()
+        return
+    for group in protocol_groups(good).values():
+        summary = summarize(group, metric=metric)
+        print(to_markdown(summary, title=table_title(group, metric)))
+        print()
+
+
+def summary_csv(rows: list[dict[str, Any]], metric: str, by: str = "method") -> str:
+    """The cells of :func:`print_tables`' tables as CSV (problems named on stderr)."""
+    good, problems = reportable(rows, metric)
+    for problem in problems:
+        print(f"lap report: skipped a run: {problem}", file=sys.stderr)
+    out = []
+    if by == "retrain":  # the method column: "lap: rewind-lr, 50000 steps"
+        for method, runs, modes in by_retrain(good):
+            runs = [r | {"method": f"{method}: {r['method']}"} for r in runs]
+            modes = [f"{method}: {m}" for m in modes]
+            summary = summarize(runs, metric=metric, baseline=modes[0])
+            out.append(to_csv(summary, methods=modes))
+    else:
+        for group in protocol_groups(good).values():
+            out.append(to_csv(summarize(group, metric=metric)))
+    return "".join(out)

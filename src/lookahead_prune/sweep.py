@@ -1,50 +1,30 @@
-"""Resumable sweeps: models x datasets x seeds x methods x levels into the results store.
+"""A sweep's grid: models x datasets x seeds x methods x levels, and its configuration.
 
-Every finished run is one committed row keyed by the hash of its full configuration, so a sweep
-killed at any moment (even ``kill -9``) resumes where it stopped and never repeats or loses a
-finished run. Dense models (and, for iterative pruning, each level's retrained model) are
-checkpointed atomically beside the database and loaded with ``weights_only=True``.
+Every run of the grid is keyed by the hash of its full configuration (:func:`run_config`), so
+a sweep killed at any moment (even ``kill -9``) resumes where it stopped and never repeats or
+loses a finished run. A grid comes from the library (:class:`Sweep`), from ``lap sweep``'s
+flags or from a TOML file (:func:`load_sweep_file`). Who runs it is a backend
+(:mod:`lookahead_prune.backends`); where its checkpoints live, :mod:`lookahead_prune.workdir`.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
-import tempfile
-import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
-import torch
-from torch import nn
-from torch.nn.utils import prune as torch_prune
-
 from .batchnorm import batchnorm_modules
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .claims import Claims
-from .data import DATASETS, ImageDataset, load_dataset
+from .data import DATASETS
 from .data.sources import SOURCES
 from .graph import prunable_layers
-from .mlp_chain import mlp_chain_or_none
 from .models import build_model, dense_layer_names
-from .pipeline import (
-    RETRAIN_MODES,
-    DenseModel,
-    LevelResult,
-    Protocol,
-    dense_model,
-    for_retrain,
-    prune_and_retrain,
-    prune_and_retrain_many,
-    train_dense,
-)
-from .progress import progress_bar
+from .pipeline import RETRAIN_MODES, Protocol, for_retrain
 from .prune import canonical_method, excluded_layers
 from .schedule import level_keep
-from .store import RunStore, code_version, config_hash
-from .train import PAPER_STEPS, pick_device
+from .store import config_hash
+from .train import PAPER_STEPS
 
 STEP_FIELDS = ("train_steps", "retrain_steps")
 
@@ -154,9 +134,32 @@ class Sweep:
         steps = {0, *self.snapshots, *(p.rewind_key for p in family)}
         return sorted(s for s in steps if s <= family[0].train_steps)
 
+    def run_keys(self) -> set[str]:
+        """The key of every run of the grid."""
+        return {
+            config_hash(run_config(p, m, lv, self.levels))
+            for p in self.protocols()
+            for m in self.methods
+            for lv in self.levels
+        }
+
     def size(self) -> int:
         """Number of pruning runs in the grid."""
         return len(self.protocols()) * len(self.methods) * len(self.levels)
+
+
+def template(values: dict[str, Any], models: Sequence[str]) -> tuple[Protocol, frozenset[str]]:
+    """A sweep's protocol template from given field values, and the step fields it takes from
+    the paper (:attr:`Sweep.paper_steps`): those not given (absent or None).
+
+    The paper's steps are per model and :class:`Sweep` applies them to each; the template
+    holds the first model's only so that it is a valid protocol (a rewind step within them).
+    """
+    paper = frozenset(f for f in STEP_FIELDS if values.get(f) is None)
+    steps = dict(zip(STEP_FIELDS, model_steps(str(models[0])), strict=True))
+    given = {k: v for k, v in values.items() if k not in paper}
+    defaults = {"model": "fcn", "dataset": "mnist"} | {f: steps[f] for f in paper}
+    return Protocol(**(defaults | given)), paper
 
 
 def protocol_lines(sweep: Sweep) -> list[str]:
@@ -193,157 +196,6 @@ def _retrain_words(p: Protocol, budget: int) -> str:
     return words + ")"
 
 
-@dataclass
-class SweepStats:
-    """What a sweep call did."""
-
-    done: int = 0
-    skipped: int = 0
-    dense_trained: int = 0
-    wall_time: float = 0.0
-    keys: list[str] = field(default_factory=list)
-    failed: list[tuple[Any, ...]] = field(default_factory=list)  # (config, jobs, error)
-
-
-def _dense_path(workdir: Path, protocol: Protocol) -> Path:
-    return workdir / f"dense-{config_hash(protocol.dense_config())}.pt"
-
-
-def load_dense(path: Path) -> DenseModel:
-    """A dense model from its checkpoint (older ones, with one ``rewind`` state, too)."""
-    try:
-        return DenseModel.from_state(load_checkpoint(path))
-    except ValueError as error:
-        raise CheckpointError(
-            f"dense checkpoint {path}: {error} (written by another version?); delete the file "
-            "and rerun to retrain it"
-        ) from None
-
-
-def get_dense(
-    protocol: Protocol, data: ImageDataset, workdir: Path, *, progress: bool = False,
-    snapshot_steps: Sequence[int] = (),
-) -> tuple[DenseModel, bool]:  # fmt: skip
-    """The trained dense model from its checkpoint, training (and saving) it if missing.
-
-    A checkpoint that lacks a wanted snapshot (a rewind step no earlier sweep needed) is
-    trained again with every snapshot; training is deterministic on CPU, so the final weights
-    must come out as stored (else ``CheckpointError``), and the richer checkpoint replaces it.
-    """
-    path = _dense_path(workdir, protocol)
-    wanted = {0, protocol.rewind_key, *snapshot_steps}
-    old = load_dense(path) if path.exists() else None
-    if old is not None and wanted <= set(old.snapshots):
-        return old, False
-    steps = wanted | set(old.snapshots if old else ())
-    dense = train_dense(protocol, data, progress=progress, snapshot_steps=sorted(steps))
-    if old is not None:
-        if any(not torch.equal(old.state[k], v) for k, v in dense.state.items()):
-            raise CheckpointError(
-                f"retraining dense model {path.name} to add snapshots at steps "
-                f"{sorted(wanted - set(old.snapshots))} gave other weights than it holds "
-                "(another device or torch version?); sweep with the rewind steps it has, "
-                "or delete it and every run that used it"
-            )
-        dense.wall_time = old.wall_time
-    save_checkpoint(path, asdict(dense))
-    return dense, True
-
-
-def _save_pruned(path: Path, model: nn.Module) -> None:
-    """A pruned model's state, masks as bool (1 byte per weight instead of 4)."""
-    state = {
-        k: (v.bool() if k.endswith("_mask") else v).cpu() for k, v in model.state_dict().items()
-    }
-    save_checkpoint(path, {"state": state})
-
-
-def _load_pruned(path: Path, model: nn.Module) -> nn.Module:
-    """Restore a pruned model: re-create its masks, then load weights and masks."""
-    state = load_checkpoint(path)["state"]
-    for name, module in model.named_modules():
-        mask = state.get(f"{name}.weight_mask" if name else "weight_mask")
-        if mask is not None:
-            mask = mask.to(module.weight.device, module.weight.dtype)
-            torch_prune.custom_from_mask(module, "weight", mask)
-    own = model.state_dict()
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
-    return model
-
-
-def check_writable(folder: Path) -> None:
-    """Create ``folder`` and prove a checkpoint can be written there, or raise one line."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=folder, prefix=".probe-", suffix=".tmp")
-        os.close(fd)
-        os.unlink(name)
-    except OSError as err:
-        raise CheckpointError(
-            f"cannot write checkpoints in {folder}: {err.strerror or err}; choose a writable "
-            "folder (--db elsewhere) before any training starts"
-        ) from err
-
-
-STALE_TEMP_S = 600.0
-"""A checkpoint's temporary file older than this is left over from a killed writer."""
-
-
-def remove_stale_temporaries(workdir: Path) -> int:
-    """Delete ``.NAME.*.tmp`` files that a killed checkpoint write left behind; their count.
-
-    Only old ones: a concurrent sweep may be writing a fresh one right now.
-    """
-    removed = 0
-    now = time.time()
-    for tmp in workdir.glob(".*.tmp"):
-        try:
-            if now - tmp.stat().st_mtime > STALE_TEMP_S:
-                tmp.unlink()
-                removed += 1
-        except FileNotFoundError:
-            pass
-    return removed
-
-
-def clean_checkpoints(
-    db: str | Path, workdir: str | Path | None = None, *, dense: bool = False,
-    dry_run: bool = False,
-) -> list[Path]:  # fmt: skip
-    """Delete checkpoints that no resume can need; the paths removed (or, dry, removable).
-
-    An iterative level's model is needed only to continue its chain: once the next level of
-    the same chain is stored, it goes. The last stored level of a chain stays, so a sweep
-    with more levels can still continue it. Dense models stay unless ``dense`` (a new sweep
-    over the same protocol would retrain them). Stale temporaries always go.
-    """
-    db = Path(db)
-    workdir = Path(workdir) if workdir is not None else db.with_name(db.stem + "-checkpoints")
-    if not workdir.is_dir():
-        return []
-    with RunStore(db, read_only=True) as store:
-        configs = [(k, c) for k, c in store.configs() if c.get("mode") == "iterative"]
-    chains: dict[str, list[tuple[list[int], str]]] = {}
-    for key, config in configs:
-        chain = {k: v for k, v in config.items() if k not in ("level", "path")}
-        chains.setdefault(repr(sorted(chain.items())), []).append((config.get("path", []), key))
-    removable = []
-    for members in chains.values():
-        for path, key in members:
-            extended = any(p[: len(path)] == path and len(p) > len(path) for p, _ in members)
-            ckpt = workdir / f"iter-{key}.pt"
-            if extended and ckpt.exists():
-                removable.append(ckpt)
-    if dense:
-        removable += sorted(workdir.glob("dense-*.pt"))
-    now = time.time()
-    removable += [t for t in workdir.glob(".*.tmp") if now - t.stat().st_mtime > STALE_TEMP_S]
-    if not dry_run:
-        for path in removable:
-            path.unlink(missing_ok=True)
-    return removable
-
-
 def run_config(
     protocol: Protocol, method: str, level: int, levels: Sequence[int]
 ) -> dict[str, Any]:
@@ -356,340 +208,6 @@ def run_config(
     if protocol.mode == "iterative":
         config["path"] = [lv for lv in sorted(set(levels)) if lv <= level]
     return config
-
-
-@dataclass
-class _Runner:
-    """The state one sweep call shares across its protocols: store, claims, progress, counters."""
-
-    store: RunStore
-    claims: Claims
-    bar: Any
-    stats: SweepStats
-    device: torch.device
-    version: str
-    workdir: Path
-    batch_models: int | None
-    levels: Sequence[int]
-    progress: bool = False
-    log: Callable[[str], Any] = print
-    accounted: set[str] = field(default_factory=set)
-
-    def config(self, protocol: Protocol, method: str, level: int) -> dict[str, Any]:
-        """A run's stored configuration; iterative runs also record the levels they went through."""
-        return run_config(protocol, method, level, self.levels)
-
-    def key(self, protocol: Protocol, method: str, level: int) -> str:
-        return config_hash(self.config(protocol, method, level))
-
-    def record(
-        self, protocol: Protocol, dense: DenseModel, job: tuple[str, int], result: LevelResult,
-        wall: float,
-    ) -> None:  # fmt: skip
-        """Store one finished run (one committed transaction) and advance the progress bar."""
-        method, level = job
-        row = asdict(result) | {
-            "dense_test_acc": dense.test_acc,
-            "dense_train_acc": dense.train_acc,
-            "device": str(self.device),
-        }
-        config = self.config(protocol, method, level)
-        key = config_hash(config)
-        self.store.put(config, row, wall_time=wall, code_version=self.version)
-        self.stats.done += 1
-        self.stats.keys.append(key)
-        self.accounted.add(key)
-        self.bar.update(1)
-        self.bar.set_postfix_str(
-            f"{method} L{level} {100 * result.keep:.2f}% acc {100 * result.test_acc_retrained:.2f}%"
-        )
-
-    def account(self, keys: Iterable[str]) -> None:
-        """Count runs found stored (by an earlier or a concurrent sweep) once each."""
-        new = [k for k in dict.fromkeys(keys) if k not in self.accounted and self.store.has(k)]
-        self.accounted.update(new)
-        self.stats.skipped += len(new)
-        self.bar.update(len(new))
-
-    def run_family(
-        self, family: Sequence[Protocol], methods: Sequence[str], levels: Sequence[int],
-        data_for: Callable[[Protocol], ImageDataset], snapshot_steps: Sequence[int] = (),
-    ) -> bool:  # fmt: skip
-        """Run what is missing of one dense model's protocols (one per retraining mode) and
-        not claimed by another sweep.
-
-        True when every run of them is stored (by this sweep or another one).
-        """
-        plan = [(p, m, lv) for p in family for m in methods for lv in sorted(levels)]
-        keys = [self.key(*job) for job in plan]
-        self.account(keys)
-        if all(k in self.accounted for k in keys):
-            return True
-        first = family[0]
-        data = data_for(first)
-        dense = self.dense(first, data, snapshot_steps)
-        if dense is None:
-            return False  # another sweep is training it: come back later
-        if first.mode == "oneshot":
-            todo = [job for job, k in zip(plan, keys, strict=True) if k not in self.accounted]
-            self.oneshot(first, dense, data, todo)
-        else:
-            for protocol in family:
-                self.iterative(protocol, dense, data, methods, levels)
-        self.account(keys)
-        return all(k in self.accounted for k in keys)
-
-    def run_protocol(
-        self, protocol: Protocol, methods: Sequence[str], levels: Sequence[int],
-        data_for: Callable[[Protocol], ImageDataset],
-    ) -> bool:  # fmt: skip
-        """:meth:`run_family` for one protocol."""
-        return self.run_family([protocol], methods, levels, data_for)
-
-    def dense(
-        self, protocol: Protocol, data: ImageDataset, snapshot_steps: Sequence[int] = ()
-    ) -> DenseModel | None:
-        """The dense model, trained here unless another sweep is training it (then None)."""
-        wanted = {0, protocol.rewind_key, *snapshot_steps}
-        path = _dense_path(self.workdir, protocol)
-        if path.exists():
-            stored = load_dense(path)
-            if wanted <= set(stored.snapshots):
-                return stored
-        claim = "dense:" + config_hash(protocol.dense_config())
-        if not self.claims.take([claim]):
-            return None
-        try:
-            t0 = time.perf_counter()
-            dense, trained = get_dense(
-                protocol, data, self.workdir, progress=self.progress,
-                snapshot_steps=sorted(wanted),
-            )  # fmt: skip
-        finally:
-            self.claims.release([claim])
-        if trained:
-            self.stats.dense_trained += 1
-            self.log(
-                f"dense {protocol.model}/{protocol.dataset} seed {protocol.seed}: "
-                f"test acc {100 * dense.test_acc:.2f}% ({time.perf_counter() - t0:.1f}s; "
-                f"snapshots at steps {sorted(dense.snapshots)})"
-            )
-        return dense
-
-    def oneshot(
-        self, protocol: Protocol, dense: DenseModel, data: ImageDataset,
-        todo: list[tuple[Protocol, str, int]],
-    ) -> None:  # fmt: skip
-        """Every level pruned from the dense model; retrained in groups (see :func:`group_size`).
-
-        ``todo`` holds (protocol, method, level): the protocols differ only in how they
-        retrain, so one group mixes them where the engine can (sparse). Each group's runs are
-        claimed first; runs another sweep holds are left to it.
-        """
-        size = self.batch_models or group_size(protocol, self.device, len(todo))
-        for i in range(0, len(todo), size):
-            group = todo[i : i + size]
-            keys = [self.key(*job) for job in group]
-            taken = set(self.claims.take(keys))
-            try:
-                mine = [
-                    job for job, k in zip(group, keys, strict=True)
-                    if k in taken and not self.store.has(k)
-                ]  # fmt: skip
-                if not mine:
-                    continue
-                models = [dense_model(protocol, dense, data) for _ in mine]
-                results, wall = self._retrain_group(
-                    protocol, models, dense, data, [(m, lv) for _, m, lv in mine],
-                    protocols=[p for p, _, _ in mine],
-                )  # fmt: skip
-                for (own, method, level), result in zip(mine, results, strict=True):
-                    self.record(own, dense, (method, level), result, wall)
-            finally:
-                self.claims.release(taken)
-
-    def _retrain_group(
-        self, protocol: Protocol, models: list[nn.Module], dense: DenseModel, data: ImageDataset,
-        jobs: list[tuple[str, int]], protocols: Sequence[Protocol] | None = None,
-    ) -> tuple[list[LevelResult], float]:  # fmt: skip
-        """Prune and retrain ``models`` as one group: their results, each run's time share."""
-        start = time.perf_counter()
-        results = prune_and_retrain_many(
-            protocol, models, dense, data, jobs, progress=self.progress, protocols=protocols
-        )
-        return results, (time.perf_counter() - start) / len(jobs)
-
-    def _resume_chain(
-        self, protocol: Protocol, dense: DenseModel, data: ImageDataset, method: str,
-        levels: list[int],
-    ) -> nn.Module:  # fmt: skip
-        """The model after the chain's stored levels, from the latest checkpoint that exists.
-
-        Levels stored in the database but whose checkpoints are gone (cleaned, lost) are
-        recomputed from the one before, without storing them again (they are deterministic
-        on CPU); a chain is never stuck behind rows it cannot continue from.
-        """
-        stored = []
-        for level in levels:
-            if not self.store.has(self.key(protocol, method, level)):
-                break
-            stored.append(level)
-        model, start = dense_model(protocol, dense, data), 0
-        for i in range(len(stored) - 1, -1, -1):
-            ckpt = self._ckpt(protocol, method, stored[i])
-            if ckpt.exists():
-                model, start = _load_pruned(ckpt, dense_model(protocol, dense, data)), i + 1
-                break
-        for level in stored[start:]:  # checkpoints missing: recompute, do not store again
-            prune_and_retrain(protocol, model, dense, data, method, level)
-            _save_pruned(self._ckpt(protocol, method, level), model)
-        return model
-
-    def _ckpt(self, protocol: Protocol, method: str, level: int) -> Path:
-        return self.workdir / f"iter-{self.key(protocol, method, level)}.pt"
-
-    def iterative(
-        self, protocol: Protocol, dense: DenseModel, data: ImageDataset, methods: Sequence[str],
-        levels: Sequence[int],
-    ) -> None:  # fmt: skip
-        """Levels applied in turn; each level's model is checkpointed so a rerun continues.
-
-        The chains of all methods advance together, one level at a time, and at each level
-        their models retrain in groups as one-shot runs do (:func:`group_size`; on CPU the
-        sparse engine, which gives what separate chains would). A chain is claimed whole; one
-        another sweep holds is left to it.
-        """
-        levels = sorted(levels)
-        missing: dict[str, list[str]] = {}
-        for method in dict.fromkeys(methods):
-            keys = [self.key(protocol, method, lv) for lv in levels]
-            if left := [k for k in keys if not self.store.has(k)]:
-                missing[method] = left
-        if not missing:
-            return
-        taken = set(self.claims.take([k for keys in missing.values() for k in keys]))
-        mine = [method for method, keys in missing.items() if taken.issuperset(keys)]
-        partial = taken.difference(*(missing[m] for m in mine))
-        self.claims.release(list(partial))  # chains held in part elsewhere are left to them
-        taken -= partial
-        try:
-            models = {m: self._resume_chain(protocol, dense, data, m, levels) for m in mine}
-            for level in levels:
-                todo = [m for m in mine if not self.store.has(self.key(protocol, m, level))]
-                size = self.batch_models or group_size(protocol, self.device, len(todo))
-                for i in range(0, len(todo), size):
-                    group = todo[i : i + size]
-                    results, wall = self._retrain_group(
-                        protocol, [models[m] for m in group], dense, data,
-                        [(m, level) for m in group],
-                    )  # fmt: skip
-                    for method, result in zip(group, results, strict=True):
-                        _save_pruned(self._ckpt(protocol, method, level), models[method])
-                        self.record(protocol, dense, (method, level), result, wall)
-        finally:
-            self.claims.release(list(taken))
-
-
-BACKENDS = ("local", "ray")
-POLL_S = 5.0
-"""Seconds a sweep waits before looking again at runs another sweep has claimed."""
-
-
-def run_sweep(
-    sweep: Sweep,
-    db: str | Path,
-    *,
-    workdir: str | Path | None = None,
-    data_dir: str | Path | None = None,
-    device: str | None = None,
-    progress: bool = True,
-    log: Callable[[str], Any] = print,
-    batch_models: int | None = None,
-    backend: str = "local",
-    ray_options: Any = None,
-) -> SweepStats:
-    """Run every missing (protocol, method, level) of ``sweep`` and store each as it finishes.
-
-    ``backend="ray"`` runs the work as tasks on a Ray cluster (``ray_options``, a
-    :class:`~lookahead_prune.ray_backend.RayOptions`); see :mod:`lookahead_prune.ray_backend`.
-
-    One-shot runs of one dense model are retrained ``batch_models`` at a time by
-    :func:`~lookahead_prune.engines.train_many` with the protocol's engine. ``None`` lets
-    :func:`group_size` choose: all of them at once where the sparse engine takes them (an
-    MLP on CPU), 16 on a GPU (vmap), else one at a time so each run is stored as it ends.
-    Several sweeps may share one database (and checkpoint folder): each claims what it
-    computes (:mod:`lookahead_prune.claims`), so they split the work, and each returns when
-    every run of its grid is stored, by itself or by the others.
-    """
-    if batch_models is not None and batch_models < 1:
-        raise ValueError(f"batch_models must be >= 1, not {batch_models}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
-    if backend == "ray":
-        from .ray_backend import RayOptions, run_sweep_ray
-
-        return run_sweep_ray(
-            sweep, db, ray_options or RayOptions(), workdir=workdir, data_dir=data_dir,
-            device=device, progress=progress, log=log, batch_models=batch_models,
-        )  # fmt: skip
-    start = time.perf_counter()
-    db = Path(db)
-    workdir = Path(workdir) if workdir is not None else db.with_name(db.stem + "-checkpoints")
-    check_writable(workdir)  # before hours of training, not after
-    remove_stale_temporaries(workdir)
-    dev = pick_device(device)
-    stats = SweepStats()
-    datasets: dict[tuple[str, int | None], ImageDataset] = {}
-
-    def data_for(protocol: Protocol) -> ImageDataset:
-        data_key = (protocol.dataset, protocol.subset)
-        if data_key not in datasets:
-            datasets[data_key] = load_dataset(
-                protocol.dataset, data_dir, device=dev, subset=protocol.subset
-            )
-        return datasets[data_key]
-
-    with RunStore(db) as store, Claims(db) as claims:
-        bar = progress_bar(sweep.size(), "runs", "run", enabled=progress)
-        runner = _Runner(
-            store, claims, bar, stats, dev, code_version(), workdir, batch_models,
-            sorted(sweep.levels), progress, log,
-        )  # fmt: skip
-        try:  # the bar closes before any error is printed, so the two never share a line
-            pending = sweep.families()
-            told = False
-            while pending:
-                pending = [
-                    f for f in pending
-                    if not runner.run_family(f, sweep.methods, sweep.levels, data_for,
-                                             sweep.snapshot_steps(f))
-                ]  # fmt: skip
-                if pending:
-                    if not told:
-                        log(f"waiting for {claims.held_by_others()} run(s) another sweep holds")
-                        told = True
-                    time.sleep(POLL_S)
-        finally:
-            bar.close()
-    stats.wall_time = time.perf_counter() - start
-    return stats
-
-
-def group_size(protocol: Protocol, device: torch.device, todo: int) -> int:
-    """How many one-shot runs of one dense model to retrain together.
-
-    Grouping pays only where an engine trains the group as one: the sparse engine (CPU,
-    chains of Linear layers) takes every run at once, vmap (GPU) 16 at a time. Otherwise
-    one, so that each run is stored the moment it finishes.
-    """
-    if protocol.engine == "sequential" or todo <= 1:
-        return 1
-    if device.type == "cuda":
-        return 16 if protocol.engine in ("auto", "vmap") else 1
-    if protocol.engine in ("auto", "sparse"):
-        probe = build_model(protocol.model, activation=protocol.activation)
-        return todo if mlp_chain_or_none(probe) else 1
-    return 1
 
 
 def levels_from(spec: str | Sequence[int]) -> list[int]:
@@ -712,8 +230,112 @@ def levels_from(spec: str | Sequence[int]) -> list[int]:
     return levels
 
 
-def device_name() -> str:
-    """A short description of the compute device for result notes."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"cpu ({torch.get_num_threads()} threads)"
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def seeds_from(text: str, flag: str = "--seeds") -> list[int]:
+    """Seeds from ``"0,1,2"`` or ``"0-4"``; a bad one names the flag."""
+    try:
+        return levels_from(text)
+    except ValueError:
+        raise ValueError(f"{flag} must be integers like '0,1,2' or '0-4', not {text!r}") from None
+
+
+class SweepFileError(ValueError):
+    """A sweep file that cannot describe a sweep: unknown or missing keys."""
+
+
+SWEEP_KEYS = ("models", "datasets", "methods", "levels", "seeds", "db", "data_dir", "device",
+              "backend", "address", "cpus_per_task", "gpus_per_task", "storage",
+              "dense_snapshots")  # fmt: skip
+"""TOML keys of a sweep besides the :class:`Protocol` fields (see examples/sweep.toml)."""
+SETTINGS = ("db", "data_dir", "device", "backend", "address", "cpus_per_task", "gpus_per_task",
+            "storage")  # fmt: skip
+"""TOML keys that say where and how a sweep runs, not what it computes."""
+
+
+def _as_list(value: Any, key: str, kind: type = str) -> list[Any]:
+    """A TOML value that may be a list, one scalar, or a comma-separated string; each item
+    must be a ``kind`` (no bool for int, no float for int), or the key is named in the error."""
+    if isinstance(value, str):
+        items: list[Any] = _split(value)
+        if kind is int:
+            return seeds_from(value, flag=key) if key == "seeds" else levels_from(value)
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    elif isinstance(value, dict):
+        raise ValueError(f"TOML key {key!r} must be a list or a string, not a table")
+    else:
+        items = [value]
+    for item in items:
+        if not isinstance(item, kind) or isinstance(item, bool):
+            raise ValueError(
+                f"TOML key {key!r} must hold {kind.__name__} values, not {item!r} "
+                f"({type(item).__name__})"
+            )
+    return items
+
+
+def _load_toml(path: str) -> dict[str, Any]:
+    """A sweep file's table, with ``train-steps`` spelt either way (as flags or as fields)."""
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"{path} is not valid TOML: {error}") from None
+    table: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name in table:
+            raise ValueError(f"{path}: key {key!r} is given twice (with - and _)")
+        table[name] = value
+    return table
+
+
+def read_sweep_file(path: str) -> dict[str, Any]:
+    """A sweep file's table, its keys checked: the :class:`Protocol` fields and
+    :data:`SWEEP_KEYS`, as in examples/sweep.toml; ``methods`` and ``levels`` required."""
+    cfg = _load_toml(path)
+    known = {f.name for f in fields(Protocol)} | set(SWEEP_KEYS)
+    unknown = set(cfg) - known
+    if unknown:
+        raise SweepFileError(f"{path}: unknown keys {sorted(unknown)}; known {sorted(known)}")
+    missing = [k for k in ("methods", "levels") if k not in cfg]
+    if missing:
+        raise SweepFileError(f"{path}: missing keys {missing}")
+    return cfg
+
+
+def sweep_from_table(cfg: dict[str, Any]) -> tuple[Sweep, dict[str, Any]]:
+    """The sweep a checked sweep file's table describes (:func:`read_sweep_file`), and the
+    settings it gives (:data:`SETTINGS`: where the results go, which backend)."""
+    names = {f.name for f in fields(Protocol)}
+    proto_fields = {k: v for k, v in cfg.items() if k in names}
+    retrains = _as_list(proto_fields.pop("retrain", "finetune"), "retrain")
+    models = _as_list(cfg.get("models", [proto_fields.get("model", "fcn")]), "models")
+    protocol, paper = template(proto_fields, models)
+    for key in ("db", "data_dir", "device", "backend", "address", "storage"):
+        if key in cfg and not isinstance(cfg[key], str):
+            raise ValueError(f"TOML key {key!r} must be a string, not {cfg[key]!r}")
+    for key in ("cpus_per_task", "gpus_per_task"):
+        value = cfg.get(key, 1.0)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"TOML key {key!r} must be a number, not {value!r}")
+    sweep = Sweep(
+        protocol,
+        models,
+        _as_list(cfg.get("datasets", [protocol.dataset]), "datasets"),
+        _as_list(cfg["methods"], "methods"),
+        _as_list(cfg["levels"], "levels", int),
+        _as_list(cfg.get("seeds", [0]), "seeds", int),
+        paper_steps=paper,
+        retrains=retrains,
+        snapshots=_as_list(cfg.get("dense_snapshots", []), "dense_snapshots", int),
+    )
+    return sweep, {k: cfg[k] for k in SETTINGS if k in cfg}
+
+
+def load_sweep_file(path: str) -> tuple[Sweep, dict[str, Any]]:
+    """The sweep a TOML file describes and the settings it gives (see :func:`sweep_from_table`)."""
+    return sweep_from_table(read_sweep_file(path))

@@ -45,22 +45,11 @@ from .rules import DEFAULT_RULES, RuleSet, register_passthrough
 from .types import GraphError, Layer, LayerGraph, Link, UnitScale
 from .walks import analyse, branch_points, new_layer
 
-PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
-
 __all__ = [
     "BATCHNORM_TYPES",
     "GRAPH_MODES",
     "LAYER_TYPES",
     "NORM_TYPES",
-    "PRUNABLE_TYPES",
     "GraphError",
     "Layer",
     "LayerGraph",
