@@ -79,7 +79,7 @@ def _fp32_batchnorm(model: nn.Module) -> Iterator[None]:
     """
     modules = [m for m in model.modules() if isinstance(m, _BatchNorm) and "forward" not in vars(m)]
     for module in modules:
-        module.forward = _upcasting(module)  # an instance attribute, which __call__ uses
+        module.forward = _upcasting(module)  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:

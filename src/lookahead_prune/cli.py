@@ -272,8 +272,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         backend=cluster["backend"],
         ray_options=ray_options,
     )
-    for config, jobs, error in stats.failed:
-        print(f"lap sweep: failed: {config} {jobs}: {error}", file=sys.stderr)
+    for config, jobs, why in stats.failed:
+        print(f"lap sweep: failed: {config} {jobs}: {why}", file=sys.stderr)
     print(
         f"{stats.done} runs done, {stats.skipped} already stored, "
         f"{stats.dense_trained} dense models trained, {stats.wall_time:.1f}s -> {db}"

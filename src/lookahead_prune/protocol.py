@@ -236,13 +236,13 @@ class Protocol:
                 f"rewind_step must be within the first training (0..{self.train_steps}), "
                 f"not {self.rewind_step}"
             )
-        wanted = retrain_length(self.retrain, self.train_steps, self.retrain_steps,
+        length = retrain_length(self.retrain, self.train_steps, self.retrain_steps,
                                 self.rewind_key)  # fmt: skip
-        if self.retrain_steps != wanted:
+        if self.retrain_steps != length:
             raise ValueError(
                 f"retrain {self.retrain!r} trains the rest of the first training from step "
-                f"{self.rewind_key}: train_steps - rewind_step = {wanted} steps (Renda et al., "
-                f"2020), not retrain_steps = {self.retrain_steps}; give {wanted}"
+                f"{self.rewind_key}: train_steps - rewind_step = {length} steps (Renda et al., "
+                f"2020), not retrain_steps = {self.retrain_steps}; give {length}"
             )
         if (self.retrain == "rewind-lr" and self.schedule != "constant"
                 and self.retrain_steps > self.train_steps):  # fmt: skip

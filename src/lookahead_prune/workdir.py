@@ -190,6 +190,6 @@ def clean_checkpoints(
     now = time.time()
     removable += [t for t in folder.glob(TEMP_GLOB) if now - t.stat().st_mtime > STALE_TEMP_S]
     if not dry_run:
-        for path in removable:
-            path.unlink(missing_ok=True)
+        for stale in removable:
+            stale.unlink(missing_ok=True)
     return removable

@@ -239,8 +239,8 @@ class _Runner:
             models = {
                 m: replay_chain(
                     protocol, dense, data, m, levels,
-                    done=lambda lv, m=m: work.store.has(self.key(protocol, m, lv)),
-                    checkpoint=lambda lv, m=m: ckpt(m, lv),
+                    done=lambda lv, m=m: work.store.has(self.key(protocol, m, lv)),  # type: ignore[misc]
+                    checkpoint=lambda lv, m=m: ckpt(m, lv),  # type: ignore[misc]
                 )[0]
                 for m in mine
             }  # fmt: skip

@@ -124,7 +124,8 @@ def group_task(
 
         model, left = replay_chain(
             protocol, dense, data, method, levels,
-            done=lambda lv, m=method: (m, lv) not in wanted, checkpoint=ckpt,
+            done=lambda lv, m=method: (m, lv) not in wanted,  # type: ignore[misc]
+            checkpoint=ckpt,
         )  # fmt: skip
         for level in left:
             start = time.perf_counter()
