@@ -6,16 +6,16 @@
 Writes ``OUT_DIR/gpu_check.json`` (every measurement, written again after each one, so a
 killed run keeps what it measured) and ``OUT_DIR/gpu_check.md`` (the summary tables).
 
-(a) Agreement, on small pruned models after a few steps of Adam (lr 3e-4, batch 60,
-Fashion-MNIST-shaped random data): the ``vmap`` engine against ``train()`` per model on the
-device (fp32 with TF32 off; bf16 autocast; fp32 with TF32 on, for information); ``train()`` on
-the device against ``train()`` on the CPU (TF32 off); a batch-norm net (VGG-11) through vmap
-against ``train()`` (running statistics included: compared in eval mode). The measure is the
-largest logit difference on 500 fixed test inputs in eval mode, relative to the largest logit
-of the reference: at most :data:`TOL` (fp32: 1e-3; bf16: 5e-2, bf16 keeps 8 mantissa bits).
-Parameter differences are reported too (max, and the share above 0.1 x lr): Adam's step
-lr * g / (|g| + eps) can move a weight with a near-zero gradient by ~lr whatever the
-summation order, so the max alone is no verdict.
+(a) Agreement, on small pruned models after a few steps at batch 60 on Fashion-MNIST-shaped
+random data. The verdicts come from float64 with SGD (``*-sgd-f64``): the ``vmap`` engine
+against ``train()`` on the device (Conv-6, and VGG-11 for batch norm) and ``train()`` on the
+device against the CPU, within :data:`TOL` ``fp64`` (1e-9). In fp32 no verdict is possible
+after 20 steps: Adam's step lr * g / (|g| + eps) moves a weight with a near-zero gradient by
+~lr whatever the summation order, and a pruned net that does not learn is chaotic (a 1e-7
+nudge grows to O(1) in 20 SGD steps); the fp32 Adam, TF32 and bf16 rows are drift, read
+against ``device-vs-cpu-fp32`` (the same computation on two devices), with loose bounds. The
+measure is the largest logit difference on 500 fixed test inputs in eval mode, relative to the
+largest logit of the reference; parameter differences are reported too.
 
 (b) Throughput of retraining groups of Conv-6, VGG-11 and ResNet-18 (1x28x28 inputs, batch
 60, Adam, pruned with MP to 10% per layer, the masked path retraining uses), for groups of 1,
@@ -52,7 +52,7 @@ from lookahead_prune.batched import train_batched
 from lookahead_prune.models import build_model
 from lookahead_prune.train import TrainConfig, train
 
-TOL = {"fp32": 1e-3, "bf16": 5e-2, "tf32": 2e-2, "adam": 0.2, "none": math.inf}
+TOL = {"fp64": 1e-9, "fp32": 1e-3, "bf16": 5e-2, "tf32": 2e-2, "adam": 0.2, "none": math.inf}
 SGD_LR = 0.05  # plain SGD's step for the exact-path cases
 """Largest logit difference relative to the largest logit. bf16: at most this or twice bf16's
 own error (train() bf16 vs train() fp32, measured first), whichever is larger."""
@@ -170,7 +170,7 @@ def logits(models: list, x: torch.Tensor) -> list[torch.Tensor]:
     out = []
     for m in models:
         m.eval()
-        out.append(m(x).float().cpu())
+        out.append(m(x).double().cpu())
         m.train()
     return out
 
@@ -182,7 +182,7 @@ def compare(ref: list, other: list, x_ref: torch.Tensor, x_other: torch.Tensor) 
         (a - b).abs().max().item() / a.abs().max().item() for a, b in zip(la, lb, strict=True)
     )
     diffs = [
-        (p.detach().float().cpu() - q.detach().float().cpu()).abs()
+        (p.detach().double().cpu() - q.detach().double().cpu()).abs()
         for a, b in zip(ref, other, strict=True)
         for p, q in zip(a.parameters(), b.parameters(), strict=True)
     ]
@@ -190,7 +190,7 @@ def compare(ref: list, other: list, x_ref: torch.Tensor, x_other: torch.Tensor) 
     return {
         "logit_rel_diff": rel,
         "param_max_abs_diff": flat.max().item(),
-        "param_share_above_0.1lr": (flat > 0.1 * LR).float().mean().item(),
+        "param_share_above_0.1lr": (flat > 0.1 * LR).double().mean().item(),
     }
 
 
@@ -232,24 +232,31 @@ def agreement(
         return lambda ms: train_batched(ms, x, y, cfg)
 
     bf16 = TrainConfig(steps=steps, lr=LR, batch_size=batch, seed=0, precision="bf16")
-    # SGD first: its update is linear in the gradient, so summation-order noise stays at float
-    # precision and the engines must agree to TOL["fp32"]. Adam's g / (|g| + eps) turns noise
-    # on near-zero gradients into full-lr steps (the Adam rows, also the CPU against the device,
-    # drift by a few percent after 20 steps: read them against device-vs-cpu-adam).
+    # Exact paths first, in float64 with SGD: two correct computations agree to ~1e-12 there
+    # (tests/test_batched.py), while in fp32 a pruned net that does not learn is chaotic and
+    # parts from itself when nudged by 1e-7 (the H200 run of 4 December 2026: VGG-11 vmap vs
+    # train() 1.07 after 20 fp32 SGD steps, train() vs a nudged train() about as far). Adam's
+    # g / (|g| + eps) turns noise on near-zero gradients into full-lr steps: the fp32 Adam rows
+    # below are drift, read against device-vs-cpu-fp32.
     sgd = TrainConfig(steps=steps, lr=SGD_LR, batch_size=batch, seed=0, optimizer="sgd")
-    with tf32(False):
-        case("vmap-vs-sequential-sgd", f"vmap vs train() on {device}, SGD, TF32 off", "conv6",
-             "fp32", "fp32", seq(sgd, x, y), vm(sgd),
-             pruned_copies("conv6", device, jobs), pruned_copies("conv6", device, jobs),
-             (probe, probe))  # fmt: skip
-        case("device-vs-cpu-sgd", f"train() on {device} vs train() on cpu, SGD, TF32 off",
-             "conv6", "fp32", "fp32", seq(sgd, x_cpu, y_cpu), seq(sgd, x, y),
-             pruned_copies("conv6", torch.device("cpu"), jobs[:2]),
-             pruned_copies("conv6", device, jobs[:2]), (probe.cpu(), probe))  # fmt: skip
-        case("vmap-vs-sequential-bn-sgd", f"vmap vs train() on {device}, batch norm, SGD, "
-             "TF32 off", "vgg11", "fp32", "fp32", seq(sgd, x, y), vm(sgd),
-             pruned_copies("vgg11", device, jobs[:2]), pruned_copies("vgg11", device, jobs[:2]),
-             (probe, probe))  # fmt: skip
+    x64, y64, probe64 = x.double(), y, probe.double()
+
+    def f64(models: list) -> list:
+        return [m.double() for m in models]
+
+    case("vmap-vs-sequential-sgd-f64", f"vmap vs train() on {device}, SGD, float64", "conv6",
+         "fp64", "fp64", seq(sgd, x64, y64), lambda ms: train_batched(ms, x64, y64, sgd),
+         f64(pruned_copies("conv6", device, jobs)), f64(pruned_copies("conv6", device, jobs)),
+         (probe64, probe64))  # fmt: skip
+    case("device-vs-cpu-sgd-f64", f"train() on {device} vs train() on cpu, SGD, float64",
+         "conv6", "fp64", "fp64", seq(sgd, x64.cpu(), y64.cpu()), seq(sgd, x64, y64),
+         f64(pruned_copies("conv6", torch.device("cpu"), jobs[:2])),
+         f64(pruned_copies("conv6", device, jobs[:2])), (probe64.cpu(), probe64))  # fmt: skip
+    case("vmap-vs-sequential-bn-sgd-f64", f"vmap vs train() on {device}, batch norm, SGD, "
+         "float64", "vgg11", "fp64", "fp64", seq(sgd, x64, y64),
+         lambda ms: train_batched(ms, x64, y64, sgd),
+         f64(pruned_copies("vgg11", device, jobs[:2])),
+         f64(pruned_copies("vgg11", device, jobs[:2])), (probe64, probe64))  # fmt: skip
     with tf32(False):
         case("vmap-vs-sequential-fp32", f"vmap vs train() on {device}, Adam, TF32 off", "conv6",
              "fp32", "adam", seq(config, x, y), vm(config),

@@ -407,7 +407,7 @@ def check_failures() -> list[str]:
     if not path or not Path(path).is_file():
         return []
     cases = json.loads(Path(path).read_text()).get("agreement", [])
-    relied = ("vmap-vs-sequential-sgd", "vmap-vs-sequential-bf16")  # exact path; bf16 trains
+    relied = ("vmap-vs-sequential-sgd-f64", "vmap-vs-sequential-bn-sgd-f64")  # the exact paths
     return [c["case"] for c in cases if c["case"] in relied and not c["pass"]]
 
 
