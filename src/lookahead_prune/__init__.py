@@ -18,10 +18,9 @@ from .sparse import (
     SparseFormat,
     SparseLinear,
     SparseReport,
-    load_sparse,
-    save_sparse,
     to_sparse,
 )
+from .sparse_files import load_sparse, save_sparse
 from .train import TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"

@@ -71,7 +71,7 @@ class Claims:
                     row = self._conn.execute(
                         "SELECT owner, heartbeat FROM claims WHERE key = ?", (key,)
                     ).fetchone()
-                    if row is None or row[0] == self.owner or self._dead(*row, now):
+                    if row is None or row[0] == self.owner or self._dead(*row, now):  # type: ignore[call-arg]
                         self._conn.execute(
                             "INSERT INTO claims (key, owner, heartbeat) VALUES (?, ?, ?) "
                             "ON CONFLICT(key) DO UPDATE SET owner = ?, heartbeat = ?",

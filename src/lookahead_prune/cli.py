@@ -389,7 +389,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .sparse import fold_masks, latency, load_sparse, save_sparse, to_sparse
+    from .sparse import fold_masks, latency, to_sparse
+    from .sparse_files import load_sparse, save_sparse
 
     model, saved, shape = load_masked_model(args.checkpoint, args.model, args.dataset)
     batch = int(saved.get("batch_size") or 60)

@@ -115,7 +115,7 @@ class Sweep:
         """The template for one (model, dataset, seed), with the paper's steps where asked."""
         steps = dict(zip(STEP_FIELDS, model_steps(model), strict=True))
         given = {name: steps[name] for name in self.paper_steps}
-        return replace(self.protocol, model=model, dataset=dataset, seed=seed, **given)
+        return replace(self.protocol, model=model, dataset=dataset, seed=seed, **given)  # type: ignore[arg-type]
 
     def families(self) -> list[list[Protocol]]:
         """Per (model, dataset, seed), one protocol per retraining mode: they share one dense
