@@ -82,6 +82,38 @@ def replace_engine(engine: str) -> Protocol:
     return replace(PROTOCOL, engine=engine)
 
 
+def test_a_run_another_sweep_holds_is_left_to_it(cluster, tmp_path):
+    import threading
+
+    from lookahead_prune.claims import Claims
+    from lookahead_prune.store import config_hash
+    from lookahead_prune.sweep import run_config
+
+    db = tmp_path / "r.sqlite"
+    protocol = replace_engine("sequential")
+    sweep = Sweep(protocol, ["fcn"], ["mnist"], ["mp", "lap"], [4], [0])
+    (p,) = sweep.protocols()
+    config = run_config(p, "mp", 4, [4])
+    with RunStore(db):
+        pass
+    with Claims(db) as other:  # a local sweep computing mp
+        assert other.take([config_hash(config)])
+
+        def finish() -> None:
+            time.sleep(2)
+            with RunStore(db) as store:
+                store.put(config, {"keep": 0.5}, wall_time=1.0, code_version="other")
+            other.release([config_hash(config)])
+
+        thread = threading.Thread(target=finish)
+        thread.start()
+        stats = run_sweep(sweep, db, progress=False, backend="ray")
+        thread.join()
+    assert stats.done == 1 and stats.skipped == 1 and not stats.failed
+    rows = _rows(db)
+    assert len(rows) == 2 and rows[config_hash(config)]["code_version"] == "other"
+
+
 def test_a_killed_driver_resumes_without_loss_or_duplicates(cluster, tmp_path):
     db = tmp_path / "r.sqlite"
     address = ray.get_runtime_context().gcs_address  # the drivers join the module's cluster

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["HEARTBEAT_S", "STALE_S", "Claims"]
+__all__ = ["HEARTBEAT_S", "STALE_S", "Claims", "live_claims"]
 
 HEARTBEAT_S = 20.0
 """Seconds between heartbeats of a live sweep's claims."""
@@ -43,6 +43,25 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def live_claims(db: str | Path) -> list[str]:
+    """The keys that live sweeps (any owner) hold on the database at ``db``, read without
+    writing; none when it has no claims table (no sweep ever claimed there)."""
+    try:
+        conn = sqlite3.connect(f"{Path(db).resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
+    except sqlite3.OperationalError:
+        return []
+    try:
+        rows = conn.execute("SELECT key, owner, heartbeat FROM claims").fetchall()
+    except sqlite3.OperationalError as err:
+        if "no such table" in str(err):
+            return []
+        raise
+    finally:
+        conn.close()
+    now = time.time()
+    return [key for key, owner, beat in rows if not Claims._dead(owner, beat, now)]
 
 
 class Claims:

@@ -429,13 +429,23 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_clean(args: argparse.Namespace) -> int:
     """Delete checkpoints beside a results database that no resume needs (iterative levels
     whose next level is stored, stale temporaries; dense models with --dense)."""
-    removed = clean_checkpoints(args.db, args.workdir, dense=args.dense, dry_run=args.dry_run)
-    size = sum(p.stat().st_size for p in removed if p.exists()) if args.dry_run else None
+    removed = clean_checkpoints(
+        args.db, args.workdir, dense=args.dense, dry_run=args.dry_run, log=print
+    )
+    size = sum(_size(p) for p in removed) if args.dry_run else None
     for path in removed:
         print(("would remove " if args.dry_run else "removed ") + str(path))
     tail = f" ({size / 1e6:.1f} MB)" if size is not None else ""
     print(f"{len(removed)} file(s){tail}")
     return 0
+
+
+def _size(path: Path) -> int:
+    """A file's size; 0 when it went (renamed, removed) since it was listed."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

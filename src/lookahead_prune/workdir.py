@@ -13,15 +13,17 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .claims import live_claims
 from .data import ImageDataset
 from .pipeline import DenseModel, Protocol, train_dense
 from .store import RunStore, config_hash
@@ -160,14 +162,15 @@ def remove_stale_temporaries(workdir: Path) -> int:
 
 def clean_checkpoints(
     db: str | Path, workdir: str | Path | None = None, *, dense: bool = False,
-    dry_run: bool = False,
+    dry_run: bool = False, log: Callable[[str], Any] | None = None,
 ) -> list[Path]:  # fmt: skip
     """Delete checkpoints that no resume can need; the paths removed (or, dry, removable).
 
     An iterative level's model is needed only to continue its chain: once the next level of
     the same chain is stored, it goes. The last stored level of a chain stays, so a sweep
     with more levels can still continue it. Dense models stay unless ``dense`` (a new sweep
-    over the same protocol would retrain them). Stale temporaries always go.
+    over the same protocol would retrain them), and even then stay while any live claim is on
+    the database (a running sweep may need them; ``log`` says so). Stale temporaries always go.
     """
     folder = default_workdir(db, workdir)
     if not folder.is_dir():
@@ -186,9 +189,22 @@ def clean_checkpoints(
             if extended and ckpt.exists():
                 removable.append(ckpt)
     if dense:
-        removable += sorted(folder.glob(DENSE_GLOB))
+        live = live_claims(db)
+        if live:  # claims name runs, not their dense models: a running sweep keeps them all
+            if log is not None:
+                log(
+                    f"kept the dense models: {len(live)} live claim(s) on {db} (a sweep is "
+                    "running and may need them); clean --dense again once it has ended"
+                )
+        else:
+            removable += sorted(folder.glob(DENSE_GLOB))
     now = time.time()
-    removable += [t for t in folder.glob(TEMP_GLOB) if now - t.stat().st_mtime > STALE_TEMP_S]
+    for tmp in folder.glob(TEMP_GLOB):
+        try:
+            if now - tmp.stat().st_mtime > STALE_TEMP_S:
+                removable.append(tmp)
+        except FileNotFoundError:  # renamed into place (or removed) since the glob
+            continue
     if not dry_run:
         for stale in removable:
             stale.unlink(missing_ok=True)

@@ -94,12 +94,19 @@ class SweepRun:
     def store_run(
         self, protocol: Protocol, method: str, level: int, row: dict[str, Any], wall: float
     ) -> str:
-        """Store one finished run (one committed transaction), count it; its key."""
+        """Store one finished run (one committed transaction), count it; its key.
+
+        A run another sweep stored first (``put`` gives False: the row stays theirs) counts
+        as already stored, not as done by this sweep.
+        """
         config = self.config(protocol, method, level)
-        self.store.put(config, row, wall_time=wall, code_version=self.version)
+        inserted = self.store.put(config, row, wall_time=wall, code_version=self.version)
         key = config_hash(config)
-        self.stats.done += 1
-        self.stats.keys.append(key)
+        if inserted:
+            self.stats.done += 1
+            self.stats.keys.append(key)
+        else:
+            self.stats.skipped += 1
         self.bar.update(1)
         return key
 
