@@ -293,13 +293,18 @@ def test_sigkill_mid_sweep_loses_and_duplicates_nothing(tmp_path: Path) -> None:
 
 # --- opening a fresh database from many processes at once ---------------------------------
 
-# Loads store.py by path (no torch import: starts in milliseconds), then for each round waits
-# for a "go" line on stdin and opens that round's fresh database; prints "ok" or the error.
+# Loads store.py by path, as a module of a bare package over its folder (no torch import from
+# the real __init__: starts in milliseconds), then for each round waits for a "go" line on stdin
+# and opens that round's fresh database; prints "ok" or the error.
 OPENER = textwrap.dedent(
     """
-    import importlib.util, sys
-    spec = importlib.util.spec_from_file_location("lap_store", sys.argv[1])
+    import importlib.util, os, sys, types
+    package = types.ModuleType("lap_pkg")
+    package.__path__ = [os.path.dirname(sys.argv[1])]
+    sys.modules["lap_pkg"] = package
+    spec = importlib.util.spec_from_file_location("lap_pkg.store", sys.argv[1])
     store = importlib.util.module_from_spec(spec)
+    sys.modules["lap_pkg.store"] = store
     spec.loader.exec_module(store)
     print("ready", flush=True)
     for path in sys.argv[2:]:

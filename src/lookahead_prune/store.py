@@ -27,18 +27,18 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
-import hashlib
 import json
 import math
 import numbers
 import random
 import sqlite3
-import subprocess
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from .run_keys import canonical_json, code_version, config_hash, hash_text
 
 __all__ = [
     "APPLICATION_ID",
@@ -86,7 +86,6 @@ CREATE INDEX runs_seed ON runs (seed);
 
 # Significant digits kept for floats in the canonical form: absorbs arithmetic noise
 # such as 0.8**3 == 0.5120000000000001 so equal hyper-parameters hash equally.
-_FLOAT_DIGITS = 12
 
 
 class StoreError(RuntimeError):
@@ -110,83 +109,6 @@ def _busy(err: sqlite3.OperationalError) -> bool:
     if code is not None:
         return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
     return "locked" in str(err) or "busy" in str(err)
-
-
-def _canonical(value: Any, where: str = "config") -> Any:
-    """Return *value* as plain JSON types with floats rounded, or raise a clear error."""
-    if value is None or isinstance(value, str | bool):
-        return value
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        x = float(value)
-        if not math.isfinite(x):
-            raise ValueError(f"{where} holds a non-finite float ({x}); it cannot be hashed")
-        x = float(f"{x:.{_FLOAT_DIGITS}g}")
-        return 0.0 if x == 0 else x
-    if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise TypeError(f"{where} has a non-string key {k!r}; use str keys")
-            out[k] = _canonical(v, f"{where}[{k!r}]")
-        return out
-    if isinstance(value, list | tuple):
-        return [_canonical(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    raise TypeError(
-        f"{where} holds a {type(value).__name__} ({value!r}); "
-        "only str, int, float, bool, None, lists and str-keyed mappings are allowed"
-    )
-
-
-def _canonical_json(config: Mapping[str, Any]) -> str:
-    """Serialize *config* canonically: sorted keys, no whitespace, rounded floats."""
-    if not isinstance(config, Mapping):
-        raise TypeError(f"config must be a mapping, got {type(config).__name__}")
-    return json.dumps(_canonical(config), sort_keys=True, separators=(",", ":"))
-
-
-def config_hash(config: Mapping[str, Any]) -> str:
-    """Return the run key: first 16 hex digits of sha256 over the canonical JSON of *config*.
-
-    Key order, whitespace, tuple-vs-list and float noise beyond 12 significant digits
-    do not change the hash; int 1 and float 1.0 do.
-    """
-    return _hash_text(_canonical_json(config))
-
-
-def _hash_text(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-@functools.lru_cache(maxsize=1)
-def code_version() -> str:
-    """Return ``git describe --always --dirty`` of this package's checkout, else ``__version__``.
-
-    Recorded with every run so results can be traced to the code that made them.
-    """
-    from lookahead_prune import __version__
-
-    pkg_dir = Path(__file__).resolve().parent
-
-    def git(*args: str) -> str:
-        done = subprocess.run(
-            ["git", "-C", str(pkg_dir), *args],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-        return done.stdout.strip()
-
-    try:
-        # Only trust the repository if it actually tracks this package (an installed
-        # copy inside some unrelated repository must not report that repository).
-        git("ls-files", "--error-unmatch", "__init__.py")
-        described = git("describe", "--always", "--dirty")
-    except (OSError, subprocess.SubprocessError):
-        return __version__
-    return described or __version__
 
 
 def _scalar(value: Any) -> Any:
@@ -418,7 +340,7 @@ class RunStore:
         The existing row is never overwritten: a rerun of a sweep adds only missing runs.
         """
         self._writable()
-        config_json = _canonical_json(config)
+        config_json = canonical_json(config)
         if not isinstance(result, Mapping):
             raise TypeError(f"result must be a mapping, got {type(result).__name__}")
         for name, part in (("config", config), ("result", result)):
@@ -436,7 +358,7 @@ class RunStore:
         except TypeError as err:
             raise TypeError(f"result is not JSON-serializable: {err}") from err
 
-        values: dict[str, Any] = {"key": _hash_text(config_json)}
+        values: dict[str, Any] = {"key": hash_text(config_json)}
         values["config"] = config_json
         values["result"] = result_json
         for name in _CONFIG_COLUMNS:
@@ -578,7 +500,7 @@ class RunStore:
         """The configuration of a row, checked against its key (the key hashes its text)."""
         if not isinstance(config_json, str):
             raise _Damaged(f"its config is {type(config_json).__name__}, not text")
-        if not isinstance(key, str) or _hash_text(config_json) != key:
+        if not isinstance(key, str) or hash_text(config_json) != key:
             raise _Damaged("its config no longer hashes to its key")
         try:
             config = json.loads(config_json)
