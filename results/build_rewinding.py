@@ -134,10 +134,27 @@ def grid_tables(out: Path, rows: list[dict[str, Any]], k: int) -> list[str]:
     return modes
 
 
+def _by_seed(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[Any, ...], float]:
+    """Error per (mode, method, level, seed): one run each."""
+    return {(r["retrain"], r["method"], r["level"], r["seed"]): error(r) for r in rows}
+
+
+def _wins(per_seed: Mapping[tuple[Any, ...], float], mode: str, method: str,
+          level: int) -> tuple[int, int]:  # fmt: skip
+    """Seeds where *method* has fewer errors than MP from the same dense model, and the seeds
+    both have: the paired comparison (one dense model per seed serves every method)."""
+    seeds = [key[3] for key in per_seed if key[:3] == (mode, "mp", level)]
+    both = [s for s in seeds if (mode, method, level, s) in per_seed]
+    wins = sum(per_seed[(mode, method, level, s)] < per_seed[(mode, "mp", level, s)] for s in both)
+    return wins, len(both)
+
+
 def gain_tables(out: Path, rows: list[dict[str, Any]], k: int) -> None:
-    """gain.csv and gain.md: (MP error - method error) / MP error, per mode and level."""
+    """gain.csv and gain.md: (MP error - method error) / MP error per mode and level, and in how
+    many seeds the method beats MP from the same dense model."""
     keeps = _keep_of(rows)
     groups = _by(rows, "retrain", "method", "level")
+    per_seed = _by_seed(rows)
     lines, md_rows = [], []
     for mode in MODES:
         for level in sorted(keeps):
@@ -151,23 +168,26 @@ def gain_tables(out: Path, rows: list[dict[str, Any]], k: int) -> None:
             for method in METHODS[1:]:
                 values = groups.get((mode, method, level))
                 if not values:
-                    line += ["", "", ""]
+                    line += ["", "", "", "", ""]
                     md_cells.append("—")
                     continue
                 mean = _stats(values)[0]
                 gain = 100 * (mp_mean - mean) / mp_mean if mp_mean else float("nan")
-                line += [len(values), f"{mean:.2f}", f"{gain:.1f}"]
-                md_cells.append(f"{mean:.2f} ({gain:+.1f}%)")
+                wins, paired = _wins(per_seed, mode, method, level)
+                line += [len(values), f"{mean:.2f}", f"{gain:.1f}", wins, paired]
+                md_cells.append(f"{mean:.2f} ({gain:+.1f}%, {wins}/{paired})")
             lines.append(line)
             md_rows.append((mode_label(mode, k), f"{keeps[level]:.2f}", f"{mp_mean:.2f}", md_cells))
     header = ["mode", "level", "keep_percent", "mp_n_seeds", "mp_error_mean"]
     for method in METHODS[1:]:
         name = method.replace("-", "_")
-        header += [f"{name}_n_seeds", f"{name}_error_mean", f"{name}_gain_over_mp_percent"]
+        header += [f"{name}_n_seeds", f"{name}_error_mean", f"{name}_gain_over_mp_percent",
+                   f"{name}_seeds_beating_mp", f"{name}_seeds_paired"]  # fmt: skip
     _write_csv(out / "gain.csv", header, lines)
     md = [
         "Relative gain over MP, (MP error - error) / MP error, from mean test errors (%) "
-        "after retraining; positive: fewer errors than MP.",
+        "after retraining; positive: fewer errors than MP. w/n: in w of the n seeds the "
+        "method has fewer errors than MP pruned from the same dense model.",
         "",
         "| mode | % kept | MP | " + " | ".join(method_label(m) for m in METHODS[1:]) + " |",
         "|---|---:|---:" + "|---:" * (len(METHODS) - 1) + "|",
