@@ -143,12 +143,18 @@ def test_dense_accuracies_stay_in_memory_when_the_checkpoint_goes(fake, tmp_path
     assert len(rows) == 4 and {r["dense_test_acc"] for r in rows} == {0.91}
 
 
-def test_clean_keeps_dense_models_while_a_live_claim_is_held(tmp_path, capsys):
+def _empty_store_with_checkpoints(tmp_path):
+    """An empty results database and its checkpoint folder, as a sweep leaves them."""
     db = tmp_path / "r.sqlite"
     with RunStore(db):
         pass
     folder = tmp_path / "r-checkpoints"
     folder.mkdir()
+    return db, folder
+
+
+def test_clean_keeps_dense_models_while_a_live_claim_is_held(tmp_path, capsys):
+    db, folder = _empty_store_with_checkpoints(tmp_path)
     dense = folder / "dense-abc.pt"
     dense.write_bytes(b"weights")
     with Claims(db) as sweep:  # a running sweep
@@ -163,11 +169,7 @@ def test_clean_keeps_dense_models_while_a_live_claim_is_held(tmp_path, capsys):
 def test_clean_survives_a_temporary_renamed_between_glob_and_stat(tmp_path, monkeypatch, capsys):
     import pathlib
 
-    db = tmp_path / "r.sqlite"
-    with RunStore(db):
-        pass
-    folder = tmp_path / "r-checkpoints"
-    folder.mkdir()
+    db, folder = _empty_store_with_checkpoints(tmp_path)
     tmp = folder / ".dense-abc.pt.x1.tmp"
     tmp.write_bytes(b"partial")
     real_stat = pathlib.Path.stat
