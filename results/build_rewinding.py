@@ -30,6 +30,7 @@ from typing import Any
 
 from build_mnist import _stats, _write_csv, dense_accuracy, newest, protocol_note
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
 from lookahead_prune.report import method_label, method_order
 from lookahead_prune.store import RunStore
@@ -319,7 +320,11 @@ def budget_files(out: Path, rows: list[dict[str, Any]]) -> None:
         ax.set_xscale("log")
         ticks = sorted({g[3] for g in groups})
         ax.set_xticks(ticks, [_steps(t) for t in ticks])
-        ax.minorticks_off()
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_yscale("log")  # 1.8% and 90% errors share a panel: linear hides the low ones
+        for axis_ticks in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis_ticks(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
         ax.set_xlabel("retraining steps t")
         ax.set_ylabel("test error (%)")
         ax.set_title(f"{keeps[level]:.2f}% kept (level {level})", fontsize=10)
