@@ -272,7 +272,10 @@ def budgets(T: int) -> tuple[int, ...]:
 
 def budget_rows(oneshot: list[dict[str, Any]], T: int) -> list[dict[str, Any]]:
     """MP and LAP at the budget levels; each row gains ``budget``: t, or T - k when rewinding
-    (so the grid's weight rewinding to 5% of T, t = 95% of T, is not a budget point)."""
+    (so the grid's weight rewinding to 5% of T, t = 95% of T, is not a budget point).
+
+    Only the seeds the budget sweep ran (those with a point t < T) count: the t = T points
+    are the grid's runs, and a grid seed without the shorter budgets would bend the curve."""
     wanted = []
     for r in oneshot:
         if r["level"] in BUDGET_LEVELS and r["method"] in ("mp", "lap"):
@@ -283,7 +286,8 @@ def budget_rows(oneshot: list[dict[str, Any]], T: int) -> list[dict[str, Any]]:
                 t = T - r["rewind_step"]
             if t in budgets(T):
                 wanted.append(r | {"budget": t})
-    return wanted
+    seeds = {r["seed"] for r in wanted if r["budget"] < T}
+    return [r for r in wanted if r["seed"] in seeds]
 
 
 def _steps(t: int) -> str:

@@ -362,3 +362,6 @@ def test_build_rewinding_rebuilds_the_same_bytes_from_partial_data(tmp_path):
     assert "(+" in outs[0]["gain.md"].decode() and "1/2)" in outs[0]["gain.md"].decode()
     budget = outs[0]["budget.csv"].decode().splitlines()
     assert len(budget) == 1 + 3 * 3 * 2 + 2 * 2 * 2  # + the grid's t = T rows of MP and LAP
+    # t = T takes only the budget sweep's seed 0, not the grid's seed 1: one curve, one seed set
+    cells = {",".join(line.split(",")[:6]) for line in budget}  # level ... n_seeds
+    assert {"6,1.63,lap,finetune,400,1", "6,1.63,mp,rewind-lr,400,1"} <= cells
