@@ -274,8 +274,9 @@ def budget_rows(oneshot: list[dict[str, Any]], T: int) -> list[dict[str, Any]]:
     """MP and LAP at the budget levels; each row gains ``budget``: t, or T - k when rewinding
     (so the grid's weight rewinding to 5% of T, t = 95% of T, is not a budget point).
 
-    Only the seeds the budget sweep ran (those with a point t < T) count: the t = T points
-    are the grid's runs, and a grid seed without the shorter budgets would bend the curve."""
+    Only the seeds the budget sweep ran (those with a point t < T) count: fine-tuning and LR
+    rewinding at t = T are the grid's runs, and a grid seed without the shorter budgets would
+    bend the curve."""
     wanted = []
     for r in oneshot:
         if r["level"] in BUDGET_LEVELS and r["method"] in ("mp", "lap"):
